@@ -1,0 +1,318 @@
+"""The one place that talks to etcd: reads at one revision, compare-and-swap transactions, endpoint failover.
+
+Built on the etcd v3 gRPC stubs that ``aetcd`` ships (generated for protobuf >= 4) over our own ``grpc.aio``
+channels, because aetcd's ``Client`` connects to a single plain-text endpoint while Calico's configuration gives a
+list of endpoints (``ETCD_ENDPOINTS``) and optional TLS client certificates. Swapping the client means rewriting
+this module only: callers see :class:`KeyValue`, :class:`TxnResult` and the :mod:`ipam.errors` hierarchy.
+
+Failover: requests go to one endpoint at a time; a transport failure (member down, no leader, deadline) moves to
+the next endpoint and retries with jittered backoff until ``failover_timeout`` runs out. Every write we make is
+a compare-and-swap, so retrying one is safe: if the first attempt did commit before the connection broke, the
+retry fails its comparison. :attr:`TxnResult.ambiguous` tells the caller that this may have happened, so it can
+look at the data to find out (see the allocator).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import grpc
+import grpc.aio
+from aetcd import rpc
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay
+
+from ipam.errors import DatastoreError, DatastoreUnavailable
+
+DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
+# Transport-level failures worth trying another member for. Everything else is a real error.
+_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.enable_retries", 0),  # retries are ours, with CAS semantics in mind
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+]
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    endpoints: tuple[str, ...]
+    ca_cert_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    request_timeout: float = 5.0
+    failover_timeout: float = 30.0
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> EtcdConfig:
+        env = dict(os.environ if env is None else env)
+        return cls.parse(
+            env.get("ETCD_ENDPOINTS") or DEFAULT_ENDPOINTS,
+            ca_cert_file=env.get("ETCD_CA_CERT_FILE") or None,
+            cert_file=env.get("ETCD_CERT_FILE") or None,
+            key_file=env.get("ETCD_KEY_FILE") or None,
+        )
+
+    @classmethod
+    def parse(cls, endpoints: str | Sequence[str], **kwargs: Any) -> EtcdConfig:
+        items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
+        items = [e.strip() for e in items if e.strip()]
+        if not items:
+            raise DatastoreError("ETCD_ENDPOINTS is empty: give e.g. http://127.0.0.1:2379")
+        for endpoint in items:
+            parts = urlsplit(endpoint)
+            try:
+                port = parts.port
+            except ValueError:
+                port = None
+            if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+                raise DatastoreError(
+                    f"bad etcd endpoint {endpoint!r}: expected http(s)://HOST:PORT, e.g. http://127.0.0.1:2379")
+        if bool(kwargs.get("cert_file")) != bool(kwargs.get("key_file")):
+            raise DatastoreError("ETCD_CERT_FILE and ETCD_KEY_FILE must be given together")
+        return cls(endpoints=tuple(items), **kwargs)
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: str
+    value: bytes
+    mod_revision: int
+    create_revision: int
+    version: int
+
+    def json(self) -> Any:
+        return json.loads(self.value) if self.value else None
+
+
+@dataclass(frozen=True)
+class ModRevisionIs:
+    """The key's mod_revision equals ``revision``; 0 means the key does not exist."""
+
+    key: str
+    revision: int
+
+
+@dataclass(frozen=True)
+class PrefixUnchangedSince:
+    """No key under ``prefix`` was created or modified after ``revision``."""
+
+    prefix: str
+    revision: int
+
+
+@dataclass(frozen=True)
+class Put:
+    key: str
+    value: bytes
+
+    @classmethod
+    def json(cls, key: str, obj: Any) -> Put:
+        return cls(key, encode(obj))
+
+
+@dataclass(frozen=True)
+class Delete:
+    key: str
+
+
+Condition = ModRevisionIs | PrefixUnchangedSince
+Operation = Put | Delete
+
+
+@dataclass(frozen=True)
+class TxnResult:
+    succeeded: bool
+    revision: int
+    # True when a transport failure hit an earlier attempt of this transaction: it may have been applied then.
+    ambiguous: bool = False
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Keys and prefixes read in one transaction, i.e. at one revision."""
+
+    revision: int
+    keys: dict[str, KeyValue | None]
+    prefixes: dict[str, list[KeyValue]]
+
+
+def encode(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _b(text: str) -> bytes:
+    return text.encode()
+
+
+def prefix_end(prefix: str) -> bytes:
+    raw = bytearray(_b(prefix))
+    while raw:
+        if raw[-1] < 0xFF:
+            raw[-1] += 1
+            return bytes(raw)
+        raw.pop()
+    return b"\0"
+
+
+def _kv(kv: Any) -> KeyValue:
+    return KeyValue(kv.key.decode(), bytes(kv.value), kv.mod_revision, kv.create_revision, kv.version)
+
+
+def _range(key: str, prefix: bool) -> Any:
+    return rpc.RangeRequest(key=_b(key), range_end=prefix_end(key) if prefix else b"")
+
+
+def _compare(condition: Condition) -> Any:
+    if isinstance(condition, ModRevisionIs):
+        return rpc.Compare(key=_b(condition.key), target=rpc.Compare.MOD, result=rpc.Compare.EQUAL,
+                           mod_revision=condition.revision)
+    return rpc.Compare(key=_b(condition.prefix), range_end=prefix_end(condition.prefix), target=rpc.Compare.MOD,
+                       result=rpc.Compare.LESS, mod_revision=condition.revision + 1)
+
+
+def _request_op(operation: Operation) -> Any:
+    if isinstance(operation, Put):
+        return rpc.RequestOp(request_put=rpc.PutRequest(key=_b(operation.key), value=operation.value))
+    return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=_b(operation.key)))
+
+
+class _Transient(Exception):
+    pass
+
+
+class Datastore:
+    """An etcd v3 client over a list of endpoints. Use as ``async with Datastore(config) as store``."""
+
+    def __init__(self, config: EtcdConfig) -> None:
+        self.config = config
+        self._current = 0
+        self._channels: dict[int, grpc.aio.Channel] = {}
+        self._credentials = self._load_credentials(config)
+        self.failovers = 0
+
+    @staticmethod
+    def _load_credentials(config: EtcdConfig) -> grpc.ChannelCredentials | None:
+        if not any(e.startswith("https://") for e in config.endpoints):
+            return None
+
+        def read(path: str | None, what: str) -> bytes | None:
+            if not path:
+                return None
+            try:
+                with open(path, "rb") as handle:
+                    return handle.read()
+            except OSError as exc:
+                raise DatastoreError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(config.ca_cert_file, "ETCD_CA_CERT_FILE"),
+            private_key=read(config.key_file, "ETCD_KEY_FILE"),
+            certificate_chain=read(config.cert_file, "ETCD_CERT_FILE"),
+        )
+
+    async def __aenter__(self) -> Datastore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        channels, self._channels = self._channels, {}
+        for channel in channels.values():
+            await channel.close()
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint requests currently go to."""
+        return self.config.endpoints[self._current]
+
+    def _stub(self, index: int) -> rpc.KVStub:
+        channel = self._channels.get(index)
+        if channel is None:
+            parts = urlsplit(self.config.endpoints[index])
+            target = f"{parts.hostname}:{parts.port}"
+            if parts.scheme == "https":
+                assert self._credentials is not None
+                channel = grpc.aio.secure_channel(target, self._credentials, options=_CHANNEL_OPTIONS)
+            else:
+                channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+            self._channels[index] = channel
+        return rpc.KVStub(channel)
+
+    def _failover_wait(self, state: RetryCallState) -> float:
+        # Try the next member at once; back off (with jitter) only after a full round of members failed.
+        if state.attempt_number % len(self.config.endpoints):
+            return 0.0
+        rounds = state.attempt_number // len(self.config.endpoints)
+        return random.uniform(0, min(1.0, 0.05 * 2**rounds))
+
+    async def _txn(self, request: Any, mutation: bool) -> tuple[Any, bool]:
+        ambiguous = False
+        errors: list[str] = []
+        retrying = AsyncRetrying(stop=stop_after_delay(self.config.failover_timeout), wait=self._failover_wait,
+                                 retry=retry_if_exception_type(_Transient), reraise=True)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    index = self._current
+                    try:
+                        response = await self._stub(index).Txn(request, timeout=self.config.request_timeout)
+                    except grpc.aio.AioRpcError as exc:
+                        if exc.code() not in _TRANSIENT:
+                            raise DatastoreError(f"etcd at {self.config.endpoints[index]} refused the request: "
+                                                 f"{exc.details()}") from None
+                        ambiguous = ambiguous or mutation
+                        errors.append(f"{self.config.endpoints[index]}: {exc.details()}")
+                        if self._current == index:
+                            self._current = (index + 1) % len(self.config.endpoints)
+                            self.failovers += 1
+                        raise _Transient from None
+        except _Transient:
+            raise DatastoreUnavailable(
+                f"etcd unreachable after {self.config.failover_timeout:g}s (last error {errors[-1]}); "
+                f"check ETCD_ENDPOINTS={','.join(self.config.endpoints)} and that etcd is running") from None
+        return response, ambiguous
+
+    async def read(self, keys: Sequence[str] = (), prefixes: Sequence[str] = ()) -> Snapshot:
+        """Read single keys and whole prefixes in one round trip, all at one revision."""
+        ops = [rpc.RequestOp(request_range=_range(k, False)) for k in keys]
+        ops += [rpc.RequestOp(request_range=_range(p, True)) for p in prefixes]
+        response, _ = await self._txn(rpc.TxnRequest(success=ops), mutation=False)
+        results = [[_kv(kv) for kv in r.response_range.kvs] for r in response.responses]
+        return Snapshot(
+            revision=response.header.revision,
+            keys={k: (found[0] if found else None) for k, found in zip(keys, results, strict=False)},
+            prefixes=dict(zip(prefixes, results[len(keys):], strict=True)),
+        )
+
+    async def get(self, key: str) -> KeyValue | None:
+        return (await self.read(keys=[key])).keys[key]
+
+    async def get_prefix(self, prefix: str) -> list[KeyValue]:
+        return (await self.read(prefixes=[prefix])).prefixes[prefix]
+
+    async def txn(self, conditions: Sequence[Condition], operations: Sequence[Operation]) -> TxnResult:
+        """Apply every operation if every condition holds, atomically."""
+        request = rpc.TxnRequest(compare=[_compare(c) for c in conditions],
+                                 success=[_request_op(o) for o in operations])
+        response, ambiguous = await self._txn(request, mutation=True)
+        return TxnResult(succeeded=response.succeeded, revision=response.header.revision, ambiguous=ambiguous)
+
+    async def put(self, key: str, value: bytes) -> int:
+        """Unconditional write: for tests and benchmarks; IPAM never uses it."""
+        return (await self.txn([], [Put(key, value)])).revision
+
+    async def delete_prefix(self, prefix: str) -> None:
+        request = rpc.TxnRequest(success=[rpc.RequestOp(
+            request_delete_range=rpc.DeleteRangeRequest(key=_b(prefix), range_end=prefix_end(prefix)))])
+        await self._txn(request, mutation=True)

@@ -80,7 +80,7 @@ class LostResponseStore(Datastore):
         store = self
 
         class Stub:
-            async def Txn(self, request: object, timeout: float | None = None) -> object:  # noqa: N802
+            async def Txn(self, request: object, timeout: float | None = None) -> object:
                 response = await real.Txn(request, timeout=timeout)
                 if store.lose and request.compare:  # only our CAS writes, never reads
                     store.lose -= 1

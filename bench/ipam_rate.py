@@ -6,7 +6,8 @@ Starts its own etcd (Debian etcd-server) on loopback, then:
      transaction guarded by mod_revision == 0;
   3. raw CAS, IPAM-like contention: the same workers read-modify-write one counter key per node (a node's
      workers share a block in IPAM), retrying on conflict until 2,000 writes landed.
-Prints a table; nothing is asserted. Usage: python bench/ipam_rate.py [--runs N]
+Both with 32 independent clients and with one client per node. Prints markdown; nothing is asserted.
+Usage: python bench/ipam_rate.py [--runs N] [--no-fsync]
 """
 
 from __future__ import annotations
@@ -23,11 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ipam.datastore import Datastore, ModRevisionIs, Put
 from tests.etcdserver import EtcdCluster
-
-from ipam.allocator import IPAM
-from ipam.datastore import Datastore, EtcdConfig, ModRevisionIs, Put
-from tests.integration.ipamhelpers import Outcome, add_pool, run_workers
+from tests.integration.ipamhelpers import Outcome, add_pool, clients, close_clients, run_workers
 
 NODES = 8
 WORKERS = 4
@@ -40,16 +39,16 @@ async def timed(body: Callable[[], Awaitable[None]]) -> float:
     return time.perf_counter() - start
 
 
-async def one_run(endpoint: str, run: int) -> dict[str, float]:
-    stores = [Datastore(EtcdConfig.parse(endpoint)) for _ in range(NODES)]
+async def one_run(endpoint: str, run: int, shared_per_node: bool) -> dict[str, float]:
+    workers = clients([f"node-{i}" for i in range(NODES)], WORKERS, [endpoint], shared_per_node=shared_per_node)
+    stores = [ipam.store for _, ipam in workers]
     try:
         await stores[0].delete_prefix("/")
         await add_pool(stores[0], "bench", "10.244.0.0/20")
-        ipams = {f"node-{i}": IPAM(s) for i, s in enumerate(stores)}
         outcome = Outcome()
-        ipam_s = await timed(lambda: run_workers(ipams, TOTAL, WORKERS, outcome))
+        ipam_s = await timed(lambda: run_workers(workers, TOTAL, outcome))
         assert not outcome.failed and len(set(outcome.addresses)) == TOTAL, outcome.failed
-        conflicts = sum(i.stats["conflicts"] for i in ipams.values())
+        conflicts = sum({id(i): i.stats["conflicts"] for _, i in workers}.values())
 
         counter = iter(range(TOTAL))
 
@@ -58,12 +57,12 @@ async def one_run(endpoint: str, run: int) -> dict[str, float]:
                 key = f"/bench/{run}/create/{n}"
                 assert (await store.txn([ModRevisionIs(key, 0)], [Put(key, b"x")])).succeeded
 
-        raw_s = await timed(lambda: asyncio.gather(*(create_worker(s) for s in stores for _ in range(WORKERS))))
+        raw_s = await timed(lambda: asyncio.gather(*(create_worker(s) for s in stores)))
 
         remaining = iter(range(TOTAL))
 
-        async def rmw_worker(node: int, store: Datastore) -> None:
-            key = f"/bench/{run}/rmw/node-{node}"
+        async def rmw_worker(node: str, store: Datastore) -> None:
+            key = f"/bench/{run}/rmw/{node}"
             for _ in remaining:
                 while True:
                     kv = await store.get(key)
@@ -73,37 +72,47 @@ async def one_run(endpoint: str, run: int) -> dict[str, float]:
                     if result.succeeded:
                         break
 
-        rmw_s = await timed(lambda: asyncio.gather(*(rmw_worker(i, s) for i, s in enumerate(stores)
-                                                     for _ in range(WORKERS))))
+        rmw_s = await timed(lambda: asyncio.gather(*(rmw_worker(node, ipam.store) for node, ipam in workers)))
         return {"ipam": TOTAL / ipam_s, "raw": TOTAL / raw_s, "rmw": TOTAL / rmw_s, "conflicts": conflicts}
     finally:
-        for store in stores:
-            await store.close()
+        await close_clients(workers)
 
 
-async def main_async(runs: int) -> None:
-    with tempfile.TemporaryDirectory(prefix="calico-py-bench-") as tmp, EtcdCluster(1, Path(tmp)) as etcd:
-        endpoint = etcd.endpoints[0]
-        results = [await one_run(endpoint, run) for run in range(runs)]
+def table(title: str, results: list[dict[str, float]]) -> None:
     med = {k: statistics.median(r[k] for r in results) for k in results[0]}
-    cores = os.cpu_count()
-    print(f"IPAM allocation rate vs raw etcd CAS — {NODES} nodes x {WORKERS} workers, {TOTAL} requests, "
-          f"etcd 3.4 single member on loopback, {cores} cores, median of {runs} runs")
+    print(f"### {title}")
     print()
     print("| what | per second | ratio to IPAM |")
     print("|---|---:|---:|")
     print(f"| IPAM auto_assign (1 IPv4 each, /20 pool, /26 blocks) | {med['ipam']:,.0f} | 1.00 |")
     print(f"| raw CAS create, distinct keys (1 txn each) | {med['raw']:,.0f} | {med['raw'] / med['ipam']:.2f} |")
-    print(f"| raw read + CAS on one key per node (IPAM-like contention) | {med['rmw']:,.0f} | "
+    print(f"| raw read + CAS, one key per node (IPAM-like contention) | {med['rmw']:,.0f} | "
           f"{med['rmw'] / med['ipam']:.2f} |")
     print()
-    print(f"IPAM CAS conflicts retried per run (median): {med['conflicts']:.0f}")
+    print(f"IPAM compare-and-swap conflicts retried per run (median): {med['conflicts']:.0f}")
+    print()
+
+
+async def main_async(runs: int, fsync: bool) -> None:
+    with tempfile.TemporaryDirectory(prefix="calico-py-bench-") as tmp, \
+            EtcdCluster(1, Path(tmp), fsync=fsync) as etcd:
+        endpoint = etcd.endpoints[0]
+        independent = [await one_run(endpoint, run, False) for run in range(runs)]
+        shared = [await one_run(endpoint, run + runs, True) for run in range(runs)]
+    print(f"## IPAM allocation rate vs raw etcd CAS ({NODES} nodes x {WORKERS} workers, {TOTAL} requests; "
+          f"etcd 3.4, one member on loopback, fsync {'on' if fsync else 'off'}; {os.cpu_count()} cores; "
+          f"median of {runs} runs)")
+    print()
+    table("32 independent clients (one per worker, as separate processes)", independent)
+    table("8 clients, one per node shared by its 4 workers (as one daemon per node)", shared)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
-    asyncio.run(main_async(parser.parse_args().runs))
+    parser.add_argument("--no-fsync", action="store_true", help="run etcd with --unsafe-no-fsync")
+    args = parser.parse_args()
+    asyncio.run(main_async(args.runs, fsync=not args.no_fsync))
 
 
 if __name__ == "__main__":

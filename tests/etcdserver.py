@@ -134,6 +134,7 @@ class EtcdMember:
     process: subprocess.Popen[bytes] | None = None
     cluster_token: str = "etcd-test"
     log_offset: int = 0  # size of the log when the current run started
+    fsync: bool = False  # False adds --unsafe-no-fsync (tests); True for benchmarks
 
     @property
     def client_url(self) -> str:
@@ -167,7 +168,7 @@ class EtcdMember:
             "--logger", "zap",
             "--log-outputs", "stderr",
         ]
-        if _supports_unsafe_no_fsync():
+        if not self.fsync and _supports_unsafe_no_fsync():
             cmd.append("--unsafe-no-fsync")
         return cmd
 
@@ -322,7 +323,8 @@ class EtcdMember:
 class EtcdCluster:
     """``size`` members on loopback, each with its data dir and log under ``base_dir``."""
 
-    def __init__(self, size: int, base_dir: Path) -> None:
+    def __init__(self, size: int, base_dir: Path, fsync: bool = False) -> None:
+        """``fsync=True`` keeps etcd's disk syncs, for benchmarks that should look like production."""
         if size < 1:
             raise ValueError("an etcd cluster needs at least one member")
         self.size = size
@@ -335,7 +337,7 @@ class EtcdCluster:
             name = f"m{index}"
             self.members.append(EtcdMember(
                 name=name, client_port=ports[2 * index], peer_port=ports[2 * index + 1],
-                data_dir=self.base_dir / f"{name}.data", log_path=self.base_dir / f"{name}.log"))
+                data_dir=self.base_dir / f"{name}.data", log_path=self.base_dir / f"{name}.log", fsync=fsync))
 
     @property
     def endpoints(self) -> list[str]:

@@ -11,7 +11,7 @@ host file bound to that container path by the node's ``binds:``; the node must b
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,8 @@ class ImageSpec:
     daemons: tuple[Daemon, ...] = ()
     required_binds: tuple[str, ...] = ()
     description: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
+    # The user the daemons drop to: their state directory is handed to it (FRR refuses to run as root).
+    state_owner: str | None = None
 
 
 IMAGES: tuple[ImageSpec, ...] = (
@@ -62,15 +63,16 @@ IMAGES: tuple[ImageSpec, ...] = (
         name="frr",
         repositories=("frr",),
         daemons=(
-            Daemon(("/usr/lib/frr/zebra", "-N", "{ns}", "-u", "root", "-g", "root",
+            Daemon(("/usr/lib/frr/zebra", "-N", "{ns}", "-u", "frr", "-g", "frr",
                     "-i", "{state}/zebra.pid", "-z", "{state}/zserv.api", "--vty_socket", "{state}",
                     "-f", "/dev/null"), "frr"),
-            Daemon(("/usr/lib/frr/bgpd", "-N", "{ns}", "-u", "root", "-g", "root",
+            Daemon(("/usr/lib/frr/bgpd", "-N", "{ns}", "-u", "frr", "-g", "frr",
                     "-i", "{state}/bgpd.pid", "-z", "{state}/zserv.api", "--vty_socket", "{state}",
                     "-f", "{bind:/etc/frr/frr.conf}"), "frr"),
         ),
         required_binds=("/etc/frr/frr.conf",),
-        description="FRR zebra + bgpd; vtysh --vty_socket {state}",
+        description="FRR zebra + bgpd as user frr; vtysh --vty_socket {state}",
+        state_owner="frr",
     ),
     ImageSpec(
         name="gobgp",

@@ -241,7 +241,12 @@ class Lab:
 
     def _node_dir(self, node: str) -> Path:
         path = self.run_dir / node
-        path.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            path.mkdir(parents=True)
+            self.run_dir.chmod(0o755)  # daemons that drop root (FRR) must reach their own directory
+            spec = self._spec(self.topology.nodes[node]) if node in self.topology.nodes else None
+            if spec and spec.state_owner:
+                shutil.chown(path, spec.state_owner, spec.state_owner)
         return path
 
     def _argv(self, node: Node, template: tuple[str, ...]) -> list[str]:

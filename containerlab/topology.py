@@ -273,6 +273,9 @@ class _Builder:
             except ValueError:
                 raise self.fail(merged_lines["mgmt-ipv4"], f"node {name}: mgmt-ipv4 "
                                                            f"{merged['mgmt-ipv4']!r} is not an IPv4 address") from None
+        if kind == "linux" and "cmd" in merged:
+            self.warn(merged_lines["cmd"], f"node {name}: cmd is not run in namespaces; the image table's command "
+                                           "runs (docs/lab.md)")
         if kind == "bridge":
             for key in ("image", "exec", "env", "binds", "cmd"):
                 if key in merged:

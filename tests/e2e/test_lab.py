@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,28 @@ def test_bird_frr_and_gobgp_images_run_their_daemons_and_peer(lab) -> None:
                 and sum(p.get("state") == "Established" for p in frr_peers.values()) == 2)
 
     handle.wait_for(established, timeout=60, what="BIRD, FRR and GoBGP sessions to be Established")
+
+
+def test_destroy_cleans_up_after_a_runner_killed_mid_deploy(tmp_path: Path) -> None:
+    topo = Path(__file__).parent / "data" / "peers.clab.yml"
+    name = f"crash-t{os.getpid() % 100000}"
+    lab_ = Lab(load(topo, name_override=name), root=tmp_path / "run")
+    cli = [sys.executable, "-m", "containerlab.runner", "--run-dir", str(tmp_path / "run"), "deploy", "-t",
+           str(topo), "--name", name]
+    runner = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        # Kill it once it has made something: a node namespace with at least one link.
+        while not any(len(netns.links(ns)) > 1 for ns in set(lab_.all_namespaces()[1:]) & netns.namespaces()):
+            assert runner.poll() is None, "the runner finished before it could be killed"
+            assert time.monotonic() < deadline, "the runner made nothing within 30s"
+            time.sleep(0.005)
+        runner.kill()
+        runner.wait()
+        assert set(lab_.all_namespaces()) & netns.namespaces()
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+        lab_.destroy()
+    assert not set(lab_.all_namespaces()) & netns.namespaces()

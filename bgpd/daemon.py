@@ -1,26 +1,114 @@
-"""calico-py-node: the node daemon.
+"""calico-py-node: the node daemon. Wiring only: settings, adapters, the CNI server and the reconciler.
 
-Today a skeleton: it reads its settings, says what it would do, and stays up until SIGTERM, so labs and
-supervisors can manage it. The dataplane (issue 4) and the BGP speaker (issue 6) plug in here.
+Start-up: read settings (a bad one stops here with a one-line message), register the Node resource, create the
+default pool if no pool exists, turn forwarding on, reconcile the kernel once (so a restart converges before
+new pods arrive), then serve CNI requests and reconcile on every change and every interval.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ipaddress
 import logging
 import os
 import signal
+import sys
+from pathlib import Path
 
-SETTINGS = ("NODENAME", "IP", "AS", "ETCD_ENDPOINTS", "CALICO_IPV4POOL_CIDR", "CALICO_NETWORKING_BACKEND")
+from pyroute2 import IPRoute
+
+from bgpd.autodetect import detect
+from bgpd.cni.handler import CNIHandler, Netlink
+from bgpd.cni.server import CNIServer
+from bgpd.config import Config, ConfigError
+from bgpd.reconciler import RouteReconciler
+from bgpd.resources import node_resource, register_node
+from ipam.allocator import IPAM
+from ipam.datastore import Datastore
+from ipam.errors import IPAMError, ResourceExists
+from ipam.model import IPPool
+from ipam.pools import list_pools, save_pool
+
+log = logging.getLogger("calico-py-node")
+
+
+def node_address(config: Config) -> ipaddress.IPv4Interface | None:
+    if config.ip == "none":
+        return None
+    if config.ip == "autodetect":
+        found = detect(config.ip_autodetection_method)
+        if found is None:
+            raise ConfigError(f"IP=autodetect found no address with IP_AUTODETECTION_METHOD="
+                              f"{config.ip_autodetection_method}; set IP or another method")
+        return found
+    address = ipaddress.ip_interface(config.ip)
+    if "/" not in config.ip:  # take the prefix length from the interface that holds the address
+        with IPRoute() as ipr:
+            for entry in ipr.get_addr(family=2):
+                if entry.get_attr("IFA_ADDRESS") == str(address.ip):
+                    return ipaddress.IPv4Interface(f"{address.ip}/{entry['prefixlen']}")
+    return ipaddress.IPv4Interface(address)
+
+
+def warn_without_default_route() -> None:
+    """Pods reach their gateway 169.254.1.1 by proxy ARP, which the kernel only answers when it has a route
+    to that address through another interface: in practice, a default route."""
+    with IPRoute() as ipr:
+        if not ipr.get_default_routes(family=2):
+            log.warning("no IPv4 default route on this node: proxy ARP will not answer pods asking for their "
+                        "gateway 169.254.1.1; add a default route")
+
+
+async def ensure_default_pool(store: Datastore, config: Config) -> None:
+    if config.default_pool is None or await list_pools(store):
+        return
+    try:
+        await save_pool(store, IPPool.from_v3(config.default_pool), replace=False)
+        log.info("created pool default-ipv4-ippool %s", config.default_pool["spec"]["cidr"])
+    except ResourceExists:
+        pass  # another node created it first
+
+
+async def run(config: Config, address: ipaddress.IPv4Interface | None) -> None:
+    Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
+    async with Datastore(config.etcd) as store:
+        existing = await store.get(f"/calico/resources/v3/projectcalico.org/nodes/{config.nodename}")
+        await register_node(store, node_resource(config.nodename, address, None, config.as_number, config.labels,
+                                                 existing.json() if existing else None))
+        await ensure_default_pool(store, config)
+        netlink = Netlink()
+        reconciler = RouteReconciler(store, netlink, config.nodename, config.reconcile_interval)
+        await reconciler.reconcile_once()
+        handler = CNIHandler(IPAM(store), config.nodename, netlink, config.mtu, changed=reconciler.wake)
+        server = CNIServer(handler.handle)
+        await server.start()
+        log.info("ready node=%s ip=%s etcd=%s", config.nodename, address, ",".join(config.etcd.endpoints))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        reconcile_task = asyncio.create_task(reconciler.run())
+        await stop.wait()
+        log.info("stopping")
+        await server.stop()
+        reconcile_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reconcile_task
+        netlink.close()
 
 
 def main() -> int:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s calico-py-node %(message)s")
-    log = logging.getLogger("calico-py-node")
-    settings = " ".join(f"{k}={os.environ[k]}" for k in SETTINGS if k in os.environ)
-    log.info("starting (skeleton: no dataplane or BGP yet) %s", settings)
-    signals = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    received = signal.sigwait(signals)
-    log.info("stopping on %s", signal.Signals(received).name)
+    env = dict(os.environ)
+    logging.basicConfig(level=env.get("LOG_LEVEL", "info").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    try:
+        config = Config.from_env(env)
+        # pyroute2's synchronous API runs its own event loop: use it before ours starts (or in threads).
+        address = node_address(config)
+        warn_without_default_route()
+        asyncio.run(run(config, address))
+    except (ConfigError, IPAMError, RuntimeError) as exc:
+        print(f"calico-py-node: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -1,0 +1,67 @@
+"""The unix socket the CNI shim talks to: abstract (so scoped to this network namespace), root callers only."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+
+from bgpd.cni import spec
+
+log = logging.getLogger("calico-py-node.cni")
+SOCKET = "\0calico-py-cni"
+MAX_REQUEST = 4 * 1024 * 1024
+Handler = Callable[[str, dict[str, str], str], Awaitable[tuple[int, str]]]
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    pid_uid_gid = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", pid_uid_gid)[1]
+
+
+class CNIServer:
+    def __init__(self, handler: Handler, address: str = SOCKET) -> None:
+        self.handler = handler
+        self.address = address
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.address)
+        except OSError as exc:
+            sock.close()
+            raise RuntimeError(f"cannot listen on @{self.address.lstrip(chr(0))}: {exc.strerror} "
+                               "(is another calico-py-node running in this network namespace?)") from None
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_REQUEST)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            sock = writer.get_extra_info("socket")
+            if _peer_uid(sock) != 0:
+                code, out = 1, json.dumps(spec.CNIError(spec.INVALID_ENVIRONMENT, "only root may call the "
+                                                        "calico-py CNI socket").to_json()) + "\n"
+            else:
+                raw = await reader.read()  # the shim half-closes after its request
+                try:
+                    request = json.loads(raw)
+                    plugin, env, stdin = str(request["plugin"]), dict(request["env"]), str(request["stdin"])
+                except (ValueError, KeyError, TypeError):
+                    code, out = 1, json.dumps(spec.CNIError(spec.DECODE_FAILURE, "malformed request from the "
+                                                            "calico-py shim").to_json()) + "\n"
+                else:
+                    code, out = await self.handler(plugin, env, stdin)
+            writer.write(json.dumps({"exit": code, "stdout": out}).encode())
+            await writer.drain()
+        except ConnectionError:
+            log.warning("cni caller went away before the answer")
+        finally:
+            writer.close()

@@ -1,0 +1,109 @@
+"""The node daemon's settings: Calico's environment variable names, parsed and validated in one place."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from ipam.datastore import EtcdConfig
+from ipam.errors import IPAMError
+from ipam.model import IPPool
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the variable and what to give instead."""
+
+
+ENCAP = ("Never", "Always", "CrossSubnet")
+AUTODETECT_METHODS = ("first-found", "can-reach=", "interface=", "skip-interface=", "cidr=")
+
+
+def _bool(env: dict[str, str], name: str, default: bool) -> bool:
+    value = env.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={env[name]!r}: give true or false")
+
+
+def _int(env: dict[str, str], name: str, default: int, low: int, high: int) -> int:
+    value = env.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r}: give a whole number from {low} to {high}") from None
+    if not low <= number <= high:
+        raise ConfigError(f"{name}={value}: give a whole number from {low} to {high}")
+    return number
+
+
+@dataclass(frozen=True)
+class Config:
+    nodename: str
+    ip: str  # an address (optionally with /prefix), "autodetect" or "none"
+    ip_autodetection_method: str
+    as_number: int | None
+    etcd: EtcdConfig
+    default_pool: dict[str, Any] | None  # a v3 IPPool document, or None with NO_DEFAULT_POOLS
+    networking_backend: str
+    mtu: int
+    reconcile_interval: float
+    log_level: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> Config:
+        nodename = env.get("NODENAME") or env.get("HOSTNAME") or socket.gethostname()
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", nodename):
+            raise ConfigError(f"NODENAME={nodename!r}: use a DNS-1123 name (lowercase letters, digits, - and .)")
+        ip = env.get("IP", "autodetect").strip() or "autodetect"
+        if ip not in ("autodetect", "none"):
+            try:
+                ipaddress.ip_interface(ip)
+            except ValueError:
+                raise ConfigError(f"IP={ip!r}: give an IPv4 address (optionally /prefix), autodetect or none") from None
+        method = env.get("IP_AUTODETECTION_METHOD", "first-found")
+        if not method.startswith(AUTODETECT_METHODS):
+            raise ConfigError(f"IP_AUTODETECTION_METHOD={method!r}: use first-found, can-reach=DEST, "
+                              "interface=REGEX, skip-interface=REGEX or cidr=CIDR")
+        as_number = _int(env, "AS", 0, 1, 4294967295) or None
+        backend = env.get("CALICO_NETWORKING_BACKEND", "bird")
+        if backend not in ("bird", "vxlan", "none"):
+            raise ConfigError(f"CALICO_NETWORKING_BACKEND={backend!r}: use bird, vxlan or none")
+        return cls(
+            nodename=nodename, ip=ip, ip_autodetection_method=method, as_number=as_number,
+            etcd=EtcdConfig.from_env(env), default_pool=default_pool(env), networking_backend=backend,
+            mtu=_int(env, "CALICO_MTU", 1500, 576, 65535),
+            reconcile_interval=float(_int(env, "CALICO_RECONCILE_INTERVAL", 60, 1, 86400)),
+            log_level=env.get("LOG_LEVEL", "info"),
+            labels=dict(item.split("=", 1) for item in env.get("CALICO_NODE_LABELS", "").split(",") if "=" in item),
+        )
+
+
+def default_pool(env: dict[str, str]) -> dict[str, Any] | None:
+    """calico-node's ``default-ipv4-ippool`` from CALICO_IPV4POOL_* (checked here, so a typo stops start-up)."""
+    if _bool(env, "NO_DEFAULT_POOLS", False):
+        return None
+    spec: dict[str, Any] = {
+        "cidr": env.get("CALICO_IPV4POOL_CIDR", "192.168.0.0/16"),
+        "blockSize": _int(env, "CALICO_IPV4POOL_BLOCK_SIZE", 26, 20, 32),
+        "ipipMode": env.get("CALICO_IPV4POOL_IPIP", "Never"),
+        "vxlanMode": env.get("CALICO_IPV4POOL_VXLAN", "Never"),
+        "natOutgoing": _bool(env, "CALICO_IPV4POOL_NAT_OUTGOING", True),
+        "nodeSelector": env.get("CALICO_IPV4POOL_NODE_SELECTOR", "all()"),
+    }
+    document = {"apiVersion": "projectcalico.org/v3", "kind": "IPPool",
+                "metadata": {"name": "default-ipv4-ippool"}, "spec": spec}
+    try:
+        IPPool.from_v3(document)
+    except IPAMError as exc:
+        raise ConfigError(f"CALICO_IPV4POOL_*: {exc}") from None
+    return document

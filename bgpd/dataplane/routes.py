@@ -1,0 +1,66 @@
+"""Kernel routes of our protocol number, read and changed through pyroute2. Other protocols are never touched."""
+
+from __future__ import annotations
+
+import errno
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from bgpd.dataplane.workloads import ROUTE_PROTO, SCOPE_LINK
+from bgpd.desired import RouteDiff, RouteSpec
+
+RTN_UNICAST = 1
+RTN_BLACKHOLE = 6
+FAMILIES = (2, 10)  # AF_INET, AF_INET6
+
+
+def interfaces(ipr: IPRoute) -> dict[int, str]:
+    return {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+
+
+def actual_routes(ipr: IPRoute) -> set[RouteSpec]:
+    names = interfaces(ipr)
+    found = set()
+    for family in FAMILIES:
+        for route in ipr.get_routes(family=family, proto=ROUTE_PROTO, table=254):
+            dst = f"{route.get_attr('RTA_DST') or ('0.0.0.0' if family == 2 else '::')}/{route['dst_len']}"
+            if route["type"] == RTN_BLACKHOLE:
+                found.add(RouteSpec(dst=dst, kind="blackhole"))
+            else:
+                found.add(RouteSpec(dst=dst, device=names.get(route.get_attr("RTA_OIF")),
+                                    gateway=route.get_attr("RTA_GATEWAY")))
+    return found
+
+
+def _request(spec: RouteSpec, names: dict[str, int]) -> dict[str, object]:
+    network = spec.network
+    request: dict[str, object] = {"dst": spec.dst, "proto": ROUTE_PROTO, "family": 2 if network.version == 4 else 10}
+    if spec.kind == "blackhole":
+        request["type"] = "blackhole"
+    else:
+        request["oif"] = names[spec.device or ""]
+        if spec.gateway:
+            request["gateway"] = spec.gateway
+        else:
+            request["scope"] = SCOPE_LINK
+    return request
+
+
+def apply(ipr: IPRoute, diff: RouteDiff) -> list[str]:
+    """Apply the diff; returns one message per route that could not be changed (the next reconcile retries)."""
+    names = {name: index for index, name in interfaces(ipr).items()}
+    errors = []
+    for spec in diff.remove:
+        try:
+            ipr.route("del", **_request(spec, names) if spec.kind == "blackhole" or spec.device in names
+                      else {"dst": spec.dst, "proto": ROUTE_PROTO, "family": 2 if spec.network.version == 4 else 10})
+        except NetlinkError as exc:
+            if exc.code != errno.ESRCH:
+                errors.append(f"removing {spec}: {exc}")
+    for spec in diff.add:
+        try:
+            ipr.route("replace", **_request(spec, names))
+        except (NetlinkError, KeyError) as exc:
+            errors.append(f"adding {spec}: {exc}")
+    return errors

@@ -1,0 +1,222 @@
+"""Workload (pod) plumbing with pyroute2, Calico's way.
+
+Host side: a veth ``cali<11 hex>`` with MAC ee:ee:ee:ee:ee:ee, proxy-ARP (the host answers for 169.254.1.1, an
+address that exists nowhere), forwarding on, and a /32 (/128) route to the pod owned by our route protocol.
+Pod side: the pod's /32 (/128) on ``CNI_IFNAME``, ``169.254.1.1 dev eth0 scope link`` and a default route via
+it (IPv6: via fe80::ecee:eeff:feee:eeee).
+
+Every call here is synchronous netlink work; the daemon runs it in a thread. Pod-side work enters the pod's
+network namespace in a short-lived thread of its own (``setns`` changes only the calling thread), so the daemon's
+threads never leave the node's namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import ipaddress
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netns import setns
+
+ROUTE_PROTO = 80  # the protocol number of every route we own (Felix's); others are never touched
+HOST_MAC = "ee:ee:ee:ee:ee:ee"
+GATEWAY_V4 = "169.254.1.1"
+GATEWAY_V6 = "fe80::ecee:eeff:feee:eeee"
+SCOPE_LINK = 253
+IFACE_PREFIX = "cali"
+
+T = TypeVar("T")
+Address = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
+class PlumbingError(Exception):
+    """The kernel refused a step; the message names the step and the device."""
+
+
+class NetnsGone(PlumbingError):
+    """The pod's network namespace does not exist."""
+
+
+def host_interface_name(namespace: str, pod: str, container_id: str) -> str:
+    """Calico's rule: ``cali`` + the first 11 hex digits of sha1("<namespace>.<pod>"); callers outside
+    Kubernetes (no pod name) hash the container id."""
+    key = f"{namespace}.{pod}" if namespace and pod else container_id
+    return IFACE_PREFIX + hashlib.sha1(key.encode()).hexdigest()[:11]
+
+
+@dataclass(frozen=True)
+class Workload:
+    host_if: str
+    pod_if: str
+    netns: str
+    addresses: tuple[Address, ...]
+    mtu: int
+    pod_mac: str = ""  # chosen before plumbing so the endpoint record can be written first
+
+
+def random_mac() -> str:
+    """A locally administered unicast MAC."""
+    octets = bytearray(os.urandom(6))
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+def in_netns(path: str, work: Callable[[IPRoute], T]) -> T:
+    """Run ``work(ipr)`` with a netlink socket inside the network namespace at ``path``."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise NetnsGone(f"network namespace {path} does not exist") from None
+    except OSError as exc:
+        raise PlumbingError(f"cannot open network namespace {path}: {exc.strerror}") from None
+    outcome: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            setns(fd)
+            with IPRoute() as ipr:
+                outcome["value"] = work(ipr)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    try:
+        thread = threading.Thread(target=body, name="netns-worker")
+        thread.start()
+        thread.join()
+    finally:
+        os.close(fd)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]  # type: ignore[no-any-return]
+
+
+def _sysctl(path: str, value: str) -> None:
+    Path("/proc/sys", path).write_text(value)
+
+
+def _index(ipr: IPRoute, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return found[0] if found else None
+
+
+@contextlib.contextmanager
+def _step(what: str) -> Iterator[None]:
+    try:
+        yield
+    except NetlinkError as exc:
+        raise PlumbingError(f"{what}: {os.strerror(exc.code) if exc.code else exc}") from None
+
+
+def add(ipr: IPRoute, workload: Workload) -> str:
+    """Plumb the workload; returns the pod interface's MAC. Idempotent only for a clean slate: the caller
+    removes a half-made workload on failure (see :func:`remove`)."""
+    try:
+        pod_fd = os.open(workload.netns, os.O_RDONLY)
+    except FileNotFoundError:
+        raise NetnsGone(f"network namespace {workload.netns} does not exist") from None
+    try:
+        if _index(ipr, workload.host_if) is not None:  # left over from an earlier attempt
+            with _step(f"removing stale {workload.host_if}"):
+                ipr.link("del", ifname=workload.host_if)
+        with _step(f"creating veth {workload.host_if}"):
+            peer: dict[str, Any] = {"ifname": workload.pod_if, "net_ns_fd": pod_fd}
+            if workload.pod_mac:
+                peer["address"] = workload.pod_mac
+            ipr.link("add", ifname=workload.host_if, kind="veth", peer=peer)
+    finally:
+        os.close(pod_fd)
+    index = _index(ipr, workload.host_if)
+    assert index is not None
+    with _step(f"configuring {workload.host_if}"):
+        ipr.link("set", index=index, address=HOST_MAC, mtu=workload.mtu)
+    name = workload.host_if
+    _sysctl(f"net/ipv4/conf/{name}/proxy_arp", "1")
+    _sysctl(f"net/ipv4/neigh/{name}/proxy_delay", "0")
+    _sysctl(f"net/ipv4/conf/{name}/forwarding", "1")
+    if any(a.version == 6 for a in workload.addresses) and Path(f"/proc/sys/net/ipv6/conf/{name}").exists():
+        _sysctl(f"net/ipv6/conf/{name}/accept_ra", "0")
+        _sysctl(f"net/ipv6/conf/{name}/proxy_ndp", "1")
+        _sysctl(f"net/ipv6/conf/{name}/forwarding", "1")
+    with _step(f"bringing {workload.host_if} up"):
+        ipr.link("set", index=index, state="up")
+
+    def pod_side(pod: IPRoute) -> str:
+        pod_index = _index(pod, workload.pod_if)
+        if pod_index is None:
+            raise PlumbingError(f"{workload.pod_if} did not appear in {workload.netns}")
+        with _step(f"configuring {workload.pod_if} in the pod"):
+            pod.link("set", index=pod_index, mtu=workload.mtu, state="up")
+            for address in workload.addresses:
+                pod.addr("add", index=pod_index, address=str(address.ip), prefixlen=address.max_prefixlen)
+            if any(a.version == 4 for a in workload.addresses):
+                pod.route("add", dst=f"{GATEWAY_V4}/32", oif=pod_index, scope=SCOPE_LINK)
+                pod.route("add", dst="0.0.0.0/0", gateway=GATEWAY_V4, oif=pod_index)
+            if any(a.version == 6 for a in workload.addresses):
+                pod.route("add", dst="::/0", gateway=GATEWAY_V6, oif=pod_index, family=10)
+        return str(pod.get_links(pod_index)[0].get_attr("IFLA_ADDRESS"))
+
+    mac = in_netns(workload.netns, pod_side)
+    for address in workload.addresses:
+        with _step(f"routing {address.ip} to {workload.host_if}"):
+            ipr.route("replace", dst=f"{address.ip}/{address.max_prefixlen}", oif=index, scope=SCOPE_LINK,
+                      proto=ROUTE_PROTO, family=10 if address.version == 6 else 2)
+    return mac
+
+
+def remove(ipr: IPRoute, host_if: str) -> bool:
+    """Delete the host veth (its pod end and the routes via it go with it). False if it was not there."""
+    try:
+        ipr.link("del", ifname=host_if)
+        return True
+    except NetlinkError as exc:
+        if exc.code in (errno.ENODEV, errno.ENOENT):
+            return False
+        raise PlumbingError(f"deleting {host_if}: {os.strerror(exc.code)}") from None
+
+
+def check(ipr: IPRoute, workload: Workload) -> list[str]:
+    """Everything about the workload that is not as ADD left it (empty when all is well)."""
+    problems = []
+    index = _index(ipr, workload.host_if)
+    if index is None:
+        return [f"host interface {workload.host_if} is missing"]
+    link = ipr.get_links(index)[0]
+    if link.get_attr("IFLA_ADDRESS") != HOST_MAC:
+        problems.append(f"{workload.host_if} has MAC {link.get_attr('IFLA_ADDRESS')}, expected {HOST_MAC}")
+    if Path(f"/proc/sys/net/ipv4/conf/{workload.host_if}/proxy_arp").read_text().strip() != "1":
+        problems.append(f"proxy_arp is off on {workload.host_if}")
+    routes = {(r.get_attr("RTA_DST"), r.get_attr("RTA_OIF")) for r in ipr.get_routes(proto=ROUTE_PROTO)}
+    routes |= {(r.get_attr("RTA_DST"), r.get_attr("RTA_OIF")) for r in ipr.get_routes(family=10, proto=ROUTE_PROTO)}
+    for address in workload.addresses:
+        if (str(address.ip), index) not in routes:
+            problems.append(f"no route to {address.ip} via {workload.host_if}")
+
+    def pod_side(pod: IPRoute) -> list[str]:
+        found = []
+        pod_index = _index(pod, workload.pod_if)
+        if pod_index is None:
+            return [f"{workload.pod_if} is missing in {workload.netns}"]
+        have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in pod.get_addr(index=pod_index)}
+        for address in workload.addresses:
+            if (str(address.ip), address.max_prefixlen) not in have:
+                found.append(f"{address.ip}/{address.max_prefixlen} missing on {workload.pod_if}")
+        if any(a.version == 4 for a in workload.addresses):
+            gateways = {r.get_attr("RTA_GATEWAY") for r in pod.get_default_routes(family=2)}
+            if GATEWAY_V4 not in gateways:
+                found.append(f"no default route via {GATEWAY_V4} in the pod")
+        return found
+
+    try:
+        problems += in_netns(workload.netns, pod_side)
+    except NetnsGone as exc:
+        problems.append(str(exc))
+    return problems

@@ -1,0 +1,84 @@
+"""Level-triggered reconciliation of the node's kernel routes: read desired state, diff, apply the difference."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from bgpd import desired
+from bgpd.cni.handler import Netlink
+from bgpd.dataplane import routes
+from bgpd.resources import list_node_weps
+from ipam import keys
+from ipam.datastore import Datastore
+from ipam.model import BlockAffinity
+
+log = logging.getLogger("calico-py-node.reconcile")
+
+
+@dataclass
+class ReconcileStats:
+    runs: int = 0
+    errors: int = 0
+    last_seconds: float = 0.0
+    last_changes: int = 0
+
+
+class RouteReconciler:
+    """Runs on start, whenever woken (a CNI ADD/DEL), and every ``interval`` seconds to repair drift."""
+
+    def __init__(self, store: Datastore, netlink: Netlink, node: str, interval: float) -> None:
+        self.store = store
+        self.netlink = netlink
+        self.node = node
+        self.interval = interval
+        self.stats = ReconcileStats()
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def desired_state(self) -> set[desired.RouteSpec]:
+        weps = await list_node_weps(self.store, self.node)
+        affinities = []
+        for version in (4, 6):
+            for kv in await self.store.get_prefix(keys.affinities_prefix(self.node, version)):
+                _, cidr = keys.parse_affinity_key(kv.key)
+                if BlockAffinity.from_json(self.node, cidr, kv.json()).confirmed:
+                    affinities.append(cidr)
+        local = [desired.LocalWorkload(w.interface, tuple(desired.ipaddress.ip_interface(n).ip
+                                                          for n in w.ip_networks)) for w in weps]
+        existing = set((await self.netlink.run(routes.interfaces)).values())
+        return desired.desired_routes(local, affinities, existing)
+
+    async def reconcile_once(self) -> int:
+        started = time.monotonic()
+        want = await self.desired_state()
+        have = await self.netlink.run(routes.actual_routes)
+        diff = desired.diff_routes(want, have)
+        errors = await self.netlink.run(lambda ipr: routes.apply(ipr, diff)) if not diff.empty else []
+        for spec in diff.add:
+            log.info("route added %s", spec)
+        for spec in diff.remove:
+            log.info("route removed %s", spec)
+        for error in errors:
+            log.warning("route change failed: %s", error)
+        self.stats.runs += 1
+        self.stats.errors += len(errors)
+        self.stats.last_seconds = time.monotonic() - started
+        self.stats.last_changes = len(diff.add) + len(diff.remove)
+        return self.stats.last_changes
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.reconcile_once()
+            except Exception:  # the datastore may be away; the next run retries
+                self.stats.errors += 1
+                log.exception("reconcile failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
+            self._wake.clear()

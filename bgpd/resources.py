@@ -1,0 +1,102 @@
+"""Node and WorkloadEndpoint resources in Calico's v3 shapes, and their etcd storage."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from ipam import keys
+from ipam.datastore import Datastore, Delete, ModRevisionIs, Put
+
+API_VERSION = "projectcalico.org/v3"
+
+
+def node_resource(name: str, ipv4: ipaddress.IPv4Interface | None, ipv6: ipaddress.IPv6Interface | None,
+                  as_number: int | None, labels: dict[str, str], existing: dict[str, Any] | None) -> dict[str, Any]:
+    """The Node resource for this node: our fields set, everything else someone stored kept."""
+    node = dict(existing or {"apiVersion": API_VERSION, "kind": "Node", "metadata": {"name": name}, "spec": {}})
+    metadata = dict(node.get("metadata") or {})
+    metadata["name"] = name
+    if labels:
+        metadata["labels"] = {**(metadata.get("labels") or {}), **labels}
+    spec = dict(node.get("spec") or {})
+    bgp = dict(spec.get("bgp") or {})
+    for key, value in (("ipv4Address", ipv4), ("ipv6Address", ipv6), ("asNumber", as_number)):
+        if value is None:
+            bgp.pop(key, None)
+        else:
+            bgp[key] = value if isinstance(value, int) else str(value)
+    spec["bgp"] = bgp
+    return {**node, "metadata": metadata, "spec": spec}
+
+
+async def register_node(store: Datastore, resource: dict[str, Any]) -> None:
+    key = keys.resource_key("nodes", resource["metadata"]["name"])
+    while True:
+        kv = await store.get(key)
+        if kv is not None and kv.json() == resource:
+            return
+        result = await store.txn([ModRevisionIs(key, kv.mod_revision if kv else 0)], [Put.json(key, resource)])
+        if result.succeeded:
+            return
+
+
+@dataclass(frozen=True)
+class WorkloadEndpoint:
+    """Calico's WorkloadEndpoint: what the CNI plugin plumbed, so the daemon can rebuild routes after a restart
+    and DEL/CHECK know the interface."""
+
+    namespace: str
+    name: str
+    node: str
+    container_id: str
+    pod: str
+    endpoint: str
+    interface: str
+    ip_networks: tuple[str, ...]
+    mac: str
+    orchestrator: str
+
+    @property
+    def key(self) -> str:
+        return wep_key(self.namespace, self.name)
+
+    def to_v3(self) -> dict[str, Any]:
+        return {"apiVersion": API_VERSION, "kind": "WorkloadEndpoint",
+                "metadata": {"name": self.name, "namespace": self.namespace},
+                "spec": {"node": self.node, "orchestrator": self.orchestrator, "containerID": self.container_id,
+                         "pod": self.pod, "endpoint": self.endpoint, "interfaceName": self.interface,
+                         "ipNetworks": list(self.ip_networks), "mac": self.mac}}
+
+    @classmethod
+    def from_v3(cls, obj: dict[str, Any]) -> WorkloadEndpoint:
+        spec, meta = obj["spec"], obj["metadata"]
+        return cls(namespace=meta["namespace"], name=meta["name"], node=spec["node"],
+                   container_id=spec.get("containerID", ""), pod=spec.get("pod", ""),
+                   endpoint=spec.get("endpoint", ""), interface=spec["interfaceName"],
+                   ip_networks=tuple(spec.get("ipNetworks") or ()), mac=spec.get("mac", ""),
+                   orchestrator=spec.get("orchestrator", "cni"))
+
+
+def wep_name(node: str, orchestrator: str, workload: str, endpoint: str) -> str:
+    """Calico's naming: parts joined by ``-`` with dashes inside a part doubled."""
+    return "-".join(part.replace("-", "--") for part in (node, orchestrator, workload, endpoint))
+
+
+def wep_key(namespace: str, name: str) -> str:
+    return f"{keys.resource_prefix('workloadendpoints')}{namespace}/{name}"
+
+
+async def list_node_weps(store: Datastore, node: str) -> list[WorkloadEndpoint]:
+    weps = [WorkloadEndpoint.from_v3(kv.json()) for kv in await store.get_prefix(keys.resource_prefix(
+        "workloadendpoints"))]
+    return [w for w in weps if w.node == node]
+
+
+async def save_wep(store: Datastore, wep: WorkloadEndpoint) -> None:
+    await store.txn([], [Put.json(wep.key, wep.to_v3())])
+
+
+async def delete_wep(store: Datastore, namespace: str, name: str) -> None:
+    await store.txn([], [Delete(wep_key(namespace, name))])

@@ -28,7 +28,7 @@ def choose(candidates: Sequence[Candidate], method: str) -> ipaddress.IPv4Interf
         usable = [c for c in usable if not pattern.fullmatch(c[0]) and not EXCLUDED.match(c[0])]
     elif method.startswith("cidr="):
         networks = [ipaddress.ip_network(c.strip()) for c in method.split("=", 1)[1].split(",")]
-        usable = [c for c in usable if any(c[1].ip in n for n in networks)]
+        usable = [c for c in usable if any(c[1].ip in n for n in networks) and not EXCLUDED.match(c[0])]
     else:
         usable = [c for c in usable if not EXCLUDED.match(c[0])]
     return usable[0][1] if usable else None

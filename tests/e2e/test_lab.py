@@ -174,3 +174,20 @@ def test_destroy_cleans_up_after_a_runner_killed_mid_deploy(tmp_path: Path) -> N
             runner.wait()
         lab_.destroy()
     assert not set(lab_.all_namespaces()) & netns.namespaces()
+
+
+def test_leafspine_routes_between_racks_over_bgp(lab) -> None:
+    handle = lab("leafspine.clab.yml")
+    # node1 (rack 1) reaches node3 and node4 (rack 2) only once the leaves learned each other's rack subnet
+    # through the spines over eBGP.
+    for target in ("node3", "node4"):
+        address = handle.address(target, "eth1").ip
+        assert handle.ping("node1", address, timeout=60), f"node1 cannot reach {target} at {address} across the spines"
+    handle.wait_for(lambda: handle.exec("leaf1", "ip", "route", "show", "10.1.2.0/24").stdout.count("nexthop") == 2,
+                    timeout=60, what="leaf1 to reach rack 2 over both spines (ECMP)")
+
+
+def test_crosssubnet_routes_through_the_plain_router(lab) -> None:
+    handle = lab("crosssubnet.clab.yml")
+    assert handle.ping("node1", handle.address("node3", "eth1").ip)
+    assert handle.ping("node4", handle.address("node2", "eth1").ip)

@@ -105,9 +105,13 @@ def _block_shape_problems(block: Block) -> list[Problem]:
     return problems
 
 
-def check(state: IPAMState, known_nodes: Iterable[str] | None = None) -> Report:
+def check(state: IPAMState, known_nodes: Iterable[str] | None = None,
+          live_addresses: Iterable[IPAddress] | None = None) -> Report:
     """Every inconsistency between blocks, handles and affinities. ``known_nodes``, when given, is the set of
-    nodes that exist (Calico Node resources, or the Kubernetes node list): blocks affine to others are reported."""
+    nodes that exist (Calico Node resources, or the Kubernetes node list): blocks affine to others are reported.
+    ``live_addresses``, when given, is every address a workload uses (WorkloadEndpoints): any other allocation
+    that is not a tunnel address is reported as leaked."""
+    live = set(live_addresses) if live_addresses is not None else None
     report = Report(state.revision, blocks=len(state.blocks), handles=len(state.handles),
                     affinities=len(state.affinities))
     problems = report.problems
@@ -129,6 +133,9 @@ def check(state: IPAMState, known_nodes: Iterable[str] | None = None) -> Report:
                                         block=str(cidr), ip=ip))
                 continue
             held[handle_id][str(cidr)] += 1
+            if live is not None and not is_tunnel_handle(handle_id) and block.address(ordinal) not in live:
+                problems.append(Problem("leaked-ip", f"{ip} is allocated to {handle_id} but no workload uses it",
+                                        block=str(cidr), ip=ip, handle=handle_id))
             if handle_id not in state.handles:
                 problems.append(Problem("ip-without-handle", f"{ip} is held by handle {handle_id}, which does "
                                         "not exist", block=str(cidr), ip=ip, handle=handle_id))

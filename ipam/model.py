@@ -71,11 +71,9 @@ class IPPool:
             "natOutgoing": self.nat_outgoing,
             "nodeSelector": self.node_selector,
             "allowedUses": list(self.allowed_uses),
+            "disabled": self.disabled,
+            "disableBGPExport": self.disable_bgp_export,
         }
-        if self.disabled:
-            spec["disabled"] = True
-        if self.disable_bgp_export:
-            spec["disableBGPExport"] = True
         return {
             "apiVersion": API_VERSION,
             "kind": "IPPool",

@@ -73,7 +73,9 @@ def is_interface(version: int) -> Check:
     def check(value: Any) -> str | None:
         try:
             address = ipaddress.ip_interface(value)
-        except ValueError:
+            if "/" not in value:
+                raise ValueError
+        except (ValueError, TypeError):
             return f"{value!r} is not an address with prefix length, e.g. 10.0.0.11/24"
         return None if address.version == version else f"{value!r} is not an IPv{version} address"
     return check

@@ -3,7 +3,8 @@
 SHELL := /bin/bash
 VENV := .venv
 PYTHON ?= python3
-DEB_PACKAGES := etcd-server etcd-client iproute2 iputils-ping bird2 frr gobgpd graphviz
+DEB_PACKAGES := etcd-server etcd-client iproute2 iputils-ping bird2 frr gobgpd graphviz \
+	containernetworking-plugins iptables
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from pyroute2 import IPRoute
 
@@ -24,6 +27,7 @@ from bgpd.cni.server import CNIServer
 from bgpd.config import Config, ConfigError
 from bgpd.reconciler import RouteReconciler
 from bgpd.resources import node_resource, register_node
+from bgpd.status import StatusServer
 from ipam.allocator import IPAM
 from ipam.datastore import Datastore
 from ipam.errors import IPAMError, ResourceExists
@@ -31,6 +35,7 @@ from ipam.model import IPPool
 from ipam.pools import list_pools, save_pool
 
 log = logging.getLogger("calico-py-node")
+__version__ = "0.1.0"
 
 
 def node_address(config: Config) -> ipaddress.IPv4Interface | None:
@@ -83,6 +88,17 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None) -> None:
         handler = CNIHandler(IPAM(store), config.nodename, netlink, config.mtu, changed=reconciler.wake)
         server = CNIServer(handler.handle)
         await server.start()
+        started = time.monotonic()
+
+        def snapshot() -> dict[str, Any]:
+            return {"node": config.nodename, "address": str(address) if address else None, "ready": True,
+                    "uptime_seconds": time.monotonic() - started, "version": __version__,
+                    "reconcile": dataclasses.asdict(reconciler.stats), "workloads": reconciler.stats.workloads,
+                    "datastore": {"endpoint": store.endpoint, "failovers": store.failovers},
+                    "bgp": False, "peers": [], "logs": [p for p in (os.environ.get("CALICO_LOG_FILE"),) if p]}
+
+        status = StatusServer(snapshot)
+        await status.start()
         log.info("ready node=%s ip=%s etcd=%s", config.nodename, address, ",".join(config.etcd.endpoints))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -92,6 +108,7 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None) -> None:
         await stop.wait()
         log.info("stopping")
         await server.stop()
+        await status.stop()
         reconcile_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reconcile_task

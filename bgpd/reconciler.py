@@ -25,6 +25,8 @@ class ReconcileStats:
     errors: int = 0
     last_seconds: float = 0.0
     last_changes: int = 0
+    routes: int = 0  # routes of ours the node should hold, as of the last run
+    workloads: int = 0  # local workload endpoints, as of the last run
 
 
 class RouteReconciler:
@@ -41,7 +43,8 @@ class RouteReconciler:
     def wake(self) -> None:
         self._wake.set()
 
-    async def desired_state(self) -> set[desired.RouteSpec]:
+    async def desired_state(self, existing: set[str]) -> set[desired.RouteSpec]:
+        """The routes the node should hold, for the interfaces ``existing`` in its kernel."""
         weps = await list_node_weps(self.store, self.node)
         affinities = []
         for version in (4, 6):
@@ -51,14 +54,19 @@ class RouteReconciler:
                     affinities.append(cidr)
         local = [desired.LocalWorkload(w.interface, tuple(desired.ipaddress.ip_interface(n).ip
                                                           for n in w.ip_networks)) for w in weps]
-        existing = set((await self.netlink.run(routes.interfaces)).values())
+        self.stats.workloads = len(local)
         return desired.desired_routes(local, affinities, existing)
 
     async def reconcile_once(self) -> int:
         started = time.monotonic()
-        want = await self.desired_state()
-        have = await self.netlink.run(routes.actual_routes)
+        # The kernel is read first, in one netlink job, and the datastore after it. A CNI ADD records its
+        # endpoint before it plumbs (in one job on the same netlink thread), so every route seen here has its
+        # endpoint in the read that follows; read the other way round, a pod plumbed between the two reads has a
+        # route but no endpoint yet, and would lose its route.
+        names, have = await self.netlink.run(lambda ipr: (routes.interfaces(ipr), routes.actual_routes(ipr)))
+        want = await self.desired_state(set(names.values()))
         diff = desired.diff_routes(want, have)
+        self.stats.routes = len(want)
         errors = await self.netlink.run(lambda ipr: routes.apply(ipr, diff)) if not diff.empty else []
         for spec in diff.add:
             log.info("route added %s", spec)

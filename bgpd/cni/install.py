@@ -1,5 +1,6 @@
-"""Install the CNI plugins as fast-starting executables: the shim with an ``-I -S`` shebang, written atomically
-under both names (a runtime never sees a half-written plugin)."""
+"""Install the CNI plugins as fast-starting executables: the shim with an ``-IS`` shebang (one word: the kernel
+passes everything after the interpreter as a single argument), written atomically under both names (a runtime
+never sees a half-written plugin)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def install(dest: Path, python: str = "/usr/bin/python3") -> list[Path]:
     for name in NAMES:
         fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{name}.")
         with os.fdopen(fd, "w") as out:
-            out.write(f"#!{python} -I -S\n{body}")
+            out.write(f"#!{python} -IS\n{body}")
         os.chmod(tmp, 0o755)
         os.replace(tmp, dest / name)
         written.append(dest / name)

@@ -1,8 +1,9 @@
-#!/usr/bin/python3 -I -S
+#!/usr/bin/python3 -IS
 """calico-py / calico-py-ipam: the CNI plugins, as a thin shim to the node daemon.
 
 Standard library only and nothing imported that is not needed, so it starts in milliseconds (install it with
-the ``-I -S`` shebang above; the console scripts of the venv work too, slower). It passes the CNI environment
+the ``-IS`` shebang above -- one word: Linux hands everything after the interpreter to it as a single argument,
+and python3 rejects "-I -S"; the console scripts of the venv work too, slower). It passes the CNI environment
 and stdin to the node daemon over the abstract unix socket ``@calico-py-cni`` -- abstract sockets belong to
 a network namespace, so the shim always reaches the daemon of the node (namespace) it runs in, with no
 per-node configuration -- and prints what the daemon answers. VERSION is answered here.

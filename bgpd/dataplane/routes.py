@@ -52,9 +52,11 @@ def apply(ipr: IPRoute, diff: RouteDiff) -> list[str]:
     names = {name: index for index, name in interfaces(ipr).items()}
     errors = []
     for spec in diff.remove:
+        if spec.kind != "blackhole" and spec.device not in names:
+            continue  # its device is gone, and the kernel took the route with it; deleting by destination
+            # alone could hit a new pod's route to the same (reused) address
         try:
-            ipr.route("del", **_request(spec, names) if spec.kind == "blackhole" or spec.device in names
-                      else {"dst": spec.dst, "proto": ROUTE_PROTO, "family": 2 if spec.network.version == 4 else 10})
+            ipr.route("del", **_request(spec, names))
         except NetlinkError as exc:
             if exc.code != errno.ESRCH:
                 errors.append(f"removing {spec}: {exc}")

@@ -122,3 +122,18 @@ def test_node_resource_keeps_what_others_stored() -> None:
                                    "asNumber": 65101}
     assert node["metadata"]["labels"] == {"rack": "r1", "zone": "a"}
     assert wep_name("node-1", "k8s", "web-0", "eth0") == "node--1-k8s-web--0-eth0"
+
+
+def test_node_status_table(capsys: pytest.CaptureFixture[str]) -> None:
+    from calicoctl_py.commands.node import print_status
+    status = {"node": "node1", "address": "10.0.0.11/24", "ready": True, "uptime_seconds": 5,
+              "reconcile": {"routes": 3, "last_seconds": 0.002, "runs": 4, "errors": 0}, "workloads": 2, "bgp": True,
+              "peers": [{"address": "10.0.0.12", "type": "node-to-node mesh", "state": "up", "since": "08:00:01",
+                         "info": "Established"}]}
+    assert print_status(status) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = out[out.index("IPv4 BGP status") + 1]
+    assert __import__("re").split(r"\s{2,}", header) == ["PEER ADDRESS", "PEER TYPE", "STATE", "SINCE", "INFO"]
+    assert out[out.index("IPv4 BGP status") + 2].split() == ["10.0.0.12", "node-to-node", "mesh", "up", "08:00:01",
+                                                            "Established"]
+    assert "No IPv6 peers found." in out

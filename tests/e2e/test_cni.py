@@ -1,0 +1,560 @@
+"""The CNI plugin end to end: the shim invoked as a container runtime invokes it, inside node1 of a mesh3 lab.
+
+Pods are network namespaces of their own (``cnit<pid>-*``, always deleted). The shim is installed the way a node
+installs it (copied into a CNI_PATH directory, executable, run through its ``#!/usr/bin/python3 -IS``
+shebang) and found by the ``type`` of its configuration, as libcni finds plugins. What the kernel holds is read
+with iproute2 inside node1; what the datastore holds with a small Python program run inside node1 (etcd
+answers only on the lab's management network).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from containerlab.netns import Process
+from tests.labfixture import LabHandle
+
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="lab tests need root (network namespaces)"),
+              pytest.mark.slow]
+
+SHIM = Path(__file__).resolve().parents[2] / "bgpd" / "cni" / "shim.py"
+PORTMAP = Path("/usr/lib/cni/portmap")
+NODE = "node1"
+NETWORK = "k8s-pod-network"
+CONF: dict[str, Any] = {"cniVersion": "1.0.0", "name": NETWORK, "type": "calico-py",
+                        "ipam": {"type": "calico-py-ipam"}}
+ETCD = "http://172.20.20.2:2379"
+HOST_MAC = "ee:ee:ee:ee:ee:ee"
+GATEWAY = "169.254.1.1"
+POOL = ipaddress.ip_network("10.244.0.0/16")
+PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+DAEMON = "calico-py-node"
+
+# Run inside a node: one snapshot of IPAM (the consistency check), the handles and the workload endpoints.
+IPAM_STATE = """
+import asyncio, json
+from ipam import check, keys
+from ipam.datastore import Datastore, EtcdConfig
+
+async def main():
+    async with Datastore(EtcdConfig.from_env()) as store:
+        state = await check.load_state(store)
+        weps = [kv.key for kv in await store.get_prefix(keys.resource_prefix("workloadendpoints"))]
+    print(json.dumps({"report": check.check(state).to_json(), "handles": sorted(state.handles), "weps": weps}))
+
+asyncio.run(main())
+"""
+
+# A one-line TCP server for the port-mapping test: answers every connection with a greeting.
+GREETER = """
+import socket
+s = socket.create_server(("0.0.0.0", 80))
+while True:
+    c, _ = s.accept()
+    c.sendall(b"hello from the pod\\n")
+    c.close()
+"""
+
+CONNECT = """
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2) as c:
+    print(c.recv(100).decode().strip())
+"""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def deadline_poll(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def run(argv: list[str], timeout: float = 30.0, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, **kwargs)
+
+
+def in_ns(ns: str, *argv: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    return run(["ip", "netns", "exec", ns, *argv], timeout=timeout)
+
+
+def ip_json(handle: LabHandle, *argv: str) -> Any:
+    result = handle.exec(NODE, "ip", "-j", *argv)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout or "[]")
+
+
+def cali_links(handle: LabHandle) -> set[str]:
+    return {link["ifname"] for link in ip_json(handle, "link", "show") if link["ifname"].startswith("cali")}
+
+
+def host_routes(handle: LabHandle) -> dict[str, str]:
+    """The node's proto-80 routes to single addresses (pods), destination -> device. Blackholes excluded."""
+    return {r["dst"]: r.get("dev", "") for r in ip_json(handle, "route", "show", "proto", "80")
+            if r.get("type") != "blackhole" and "/" not in r["dst"]}
+
+
+def ipam_state(handle: LabHandle) -> dict[str, Any]:
+    result = run(["ip", "netns", "exec", handle.netns(NODE), sys.executable, "-c", IPAM_STATE], timeout=60,
+                 env={"PATH": PATH, "ETCD_ENDPOINTS": ETCD})
+    assert result.returncode == 0, f"ipam state snippet failed: {result.stderr}"
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def daemon_process(handle: LabHandle, node: str = NODE) -> Process:
+    found = [p for p in handle.lab._load_processes() if p.node == node and p.daemon == DAEMON]
+    assert found, f"no {DAEMON} recorded for {node} in {handle.lab.state_file}"
+    return found[-1]
+
+
+def daemon_log(handle: LabHandle, node: str = NODE) -> str:
+    log = handle.lab.run_dir / node / f"{DAEMON}.log"
+    return log.read_text(errors="replace") if log.exists() else ""
+
+
+def ready_count(handle: LabHandle, node: str = NODE) -> int:
+    return daemon_log(handle, node).count(f"INFO {DAEMON} ready ")
+
+
+def route_log(handle: LabHandle) -> str:
+    """The daemon's own account of its route changes, for failure messages."""
+    return "\n".join(line for line in daemon_log(handle).splitlines() if " route " in line)
+
+
+def stop_daemon(handle: LabHandle, sig: signal.Signals) -> None:
+    """Signal node1's daemon by the PID the lab recorded (checked against its start time) and wait for it."""
+    process = daemon_process(handle)
+    assert process.alive(), f"{DAEMON} on {NODE} is not running before the test stops it"
+    os.kill(process.pid, sig)
+    deadline_poll(lambda: not process.alive(), 10, f"{DAEMON} (pid {process.pid}) to exit")
+    with contextlib.suppress(ChildProcessError):  # the lab started it from this process: reap the zombie
+        os.waitpid(process.pid, os.WNOHANG)
+
+
+def restart_daemon(handle: LabHandle) -> None:
+    before = ready_count(handle)
+    report = handle.lab.deploy()
+    assert f"{NODE}/{DAEMON}" in report.started, report
+    deadline_poll(lambda: ready_count(handle) > before, 30, f"the restarted {DAEMON} to log 'ready'")
+
+
+def pod_ping(ns: str, target: str, timeout: float = 10.0) -> bool:
+    """True once one echo from the pod namespace ``ns`` to ``target`` comes back, polling until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if in_ns(ns, "ping", "-n", "-c1", "-W1", target).returncode == 0:
+            return True
+        if time.monotonic() > deadline:
+            return False
+
+
+def link_stats(handle: LabHandle, name: str) -> dict[str, Any]:
+    return ip_json(handle, "-s", "link", "show", "dev", name)[0]["stats64"]  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------------------------------------- the runtime
+
+
+@dataclass
+class Call:
+    argv: list[str]
+    rc: int
+    stdout: str
+    stderr: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+    def __str__(self) -> str:
+        return f"{self.argv[-1]} exit {self.rc}\nstdout: {self.stdout}\nstderr: {self.stderr}"
+
+
+class Runtime:
+    """Calls CNI plugins as a container runtime does: found on CNI_PATH by ``type``, run in the node's network
+    namespace with the CNI_* environment, the configuration on stdin."""
+
+    def __init__(self, handle: LabHandle, bin_dir: Path, node: str = NODE) -> None:
+        self.handle = handle
+        self.bin_dir = bin_dir
+        self.node = node
+
+    def call(self, command: str, config: dict[str, Any], container_id: str, netns: str | None, *,
+             pod: str = "", namespace: str = "cnitest", ifname: str = "eth0", stdin: str | None = None,
+             timeout: float = 120.0) -> Call:
+        env = {"PATH": PATH, "CNI_COMMAND": command, "CNI_CONTAINERID": container_id, "CNI_IFNAME": ifname,
+               "CNI_PATH": str(self.bin_dir)}
+        if netns is not None:
+            env["CNI_NETNS"] = netns if netns.startswith("/") else f"/run/netns/{netns}"
+        if pod:
+            env["CNI_ARGS"] = f"K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod}"
+        argv = ["ip", "netns", "exec", self.handle.netns(self.node), str(self.bin_dir / config["type"])]
+        result = run(argv, timeout=timeout, env=env, input=json.dumps(config) if stdin is None else stdin)
+        return Call(argv, result.returncode, result.stdout, result.stderr)
+
+    def add(self, container_id: str, netns: str, pod: str = "", **kw: Any) -> Call:
+        return self.call("ADD", CONF, container_id, netns, pod=pod, **kw)
+
+    def check(self, container_id: str, netns: str, prev: dict[str, Any], pod: str = "") -> Call:
+        return self.call("CHECK", {**CONF, "prevResult": prev}, container_id, netns, pod=pod)
+
+    def delete(self, container_id: str, netns: str | None, prev: dict[str, Any] | None = None,
+               pod: str = "") -> Call:
+        return self.call("DEL", {**CONF, **({"prevResult": prev} if prev else {})}, container_id, netns, pod=pod)
+
+
+class Pods:
+    """Pod network namespaces, named ``cnit<pid>-<name>``; every one is deleted at teardown."""
+
+    def __init__(self) -> None:
+        self.prefix = f"cnit{os.getpid()}-"
+        self.created: list[str] = []
+
+    def new(self, name: str) -> str:
+        ns = f"{self.prefix}{name}"
+        result = run(["ip", "netns", "add", ns])
+        assert result.returncode == 0, result.stderr
+        self.created.append(ns)
+        assert run(["ip", "-n", ns, "link", "set", "lo", "up"]).returncode == 0
+        return ns
+
+    def cleanup(self) -> list[str]:
+        errors = []
+        for ns in reversed(self.created):
+            # Only processes this test started live in its pods (ping, the greeter); a test that failed midway
+            # may have left one.
+            pids = run(["ip", "netns", "pids", ns]).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            result = run(["ip", "netns", "del", ns])
+            if result.returncode != 0:
+                errors.append(f"{ns}: {result.stderr.strip()}")
+        self.created.clear()
+        return errors
+
+
+@pytest.fixture
+def pods() -> Iterator[Pods]:
+    made = Pods()
+    yield made
+    errors = made.cleanup()
+    assert not errors, f"could not delete pod namespaces: {errors}"
+
+
+@pytest.fixture
+def mesh(lab: Callable[..., LabHandle]) -> LabHandle:
+    handle = lab("mesh3.clab.yml")
+    deadline_poll(lambda: ready_count(handle) >= 1, 60, f"{DAEMON} on {NODE} to log 'ready'")
+    return handle
+
+
+@pytest.fixture
+def runtime(mesh: LabHandle, tmp_path: Path) -> Runtime:
+    """A CNI_PATH directory as a node has it: the shim installed as calico-py and calico-py-ipam, and the
+    reference plugins next to it."""
+    bin_dir = tmp_path / "cni-bin"
+    bin_dir.mkdir()
+    for name in ("calico-py", "calico-py-ipam"):
+        shutil.copyfile(SHIM, bin_dir / name)
+        (bin_dir / name).chmod(0o755)
+    if PORTMAP.exists():
+        (bin_dir / "portmap").symlink_to(PORTMAP)
+    return Runtime(mesh, bin_dir)
+
+
+def assert_nothing_left(handle: LabHandle, container_ids: list[str] | None = None) -> dict[str, Any]:
+    """No cali veth, no proto-80 /32 route, no IPAM handle and no endpoint (of ``container_ids``, or at all)."""
+    state = ipam_state(handle)
+    if container_ids is None:
+        assert cali_links(handle) == set()
+        assert host_routes(handle) == {}
+        assert state["handles"] == [], state["handles"]
+        assert state["weps"] == [], state["weps"]
+    else:
+        handles = {f"{NETWORK}.{c}" for c in container_ids}
+        assert not handles & set(state["handles"]), state["handles"]
+    assert state["report"]["problems"] == [], state["report"]["problems"]
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+def test_two_pods_reach_each_other_and_the_node_through_cali_veths(mesh: LabHandle, pods: Pods,
+                                                                   runtime: Runtime) -> None:
+    a_ns, b_ns = pods.new("a"), pods.new("b")
+    a = runtime.add("ctr-a", a_ns, pod="pod-a")
+    b = runtime.add("ctr-b", b_ns, pod="pod-b")
+    assert a.rc == 0, a
+    assert b.rc == 0, b
+
+    addresses, host_ifs = {}, {}
+    for name, call, ns in (("a", a, a_ns), ("b", b, b_ns)):
+        body = call.json
+        assert body["cniVersion"] == "1.0.0"
+        host, pod_if = body["interfaces"]
+        assert re.fullmatch(r"cali[0-9a-f]{11}", host["name"]), host
+        assert host["mac"] == HOST_MAC and "sandbox" not in host
+        pod_link = json.loads(in_ns(ns, "ip", "-j", "link", "show", "dev", "eth0").stdout)[0]
+        assert pod_if == {"name": "eth0", "mac": pod_link["address"], "sandbox": f"/run/netns/{ns}"}
+        assert len(body["ips"]) == 1 and body["ips"][0]["interface"] == 1, body["ips"]
+        address = ipaddress.ip_interface(body["ips"][0]["address"])
+        assert address.network.prefixlen == 32 and address.ip in POOL, address
+        assert body["routes"] == [{"dst": "0.0.0.0/0", "gw": GATEWAY}]
+        pod_addrs = [a["local"] for a in json.loads(in_ns(ns, "ip", "-j", "addr", "show", "dev", "eth0").stdout)[0]
+                     ["addr_info"] if a["family"] == "inet"]
+        assert pod_addrs == [str(address.ip)]
+        addresses[name], host_ifs[name] = str(address.ip), host["name"]
+
+    # The host side of each veth: Calico's MAC, proxy ARP, up, and a /32 of our protocol to the pod through it.
+    routes = host_routes(mesh)
+    for name in ("a", "b"):
+        link = ip_json(mesh, "link", "show", "dev", host_ifs[name])[0]
+        assert link["address"] == HOST_MAC and "UP" in link["flags"], link
+        proxy_arp = mesh.exec(NODE, "cat", f"/proc/sys/net/ipv4/conf/{host_ifs[name]}/proxy_arp").stdout.strip()
+        assert proxy_arp == "1"
+        assert routes.get(addresses[name]) == host_ifs[name], routes
+
+    # Traffic pod a -> pod b leaves a through its cali veth and reaches b through b's.
+    a_before, b_before = link_stats(mesh, host_ifs["a"]), link_stats(mesh, host_ifs["b"])
+    assert pod_ping(a_ns, addresses["b"]), "pod a cannot reach pod b"
+    assert pod_ping(b_ns, addresses["a"]), "pod b cannot reach pod a"
+    node_ip = str(mesh.address(NODE).ip)
+    assert pod_ping(a_ns, node_ip), "pod a cannot reach its node"
+    a_after, b_after = link_stats(mesh, host_ifs["a"]), link_stats(mesh, host_ifs["b"])
+    assert a_after["rx"]["packets"] > a_before["rx"]["packets"]  # host side receives what the pod sends
+    assert b_after["tx"]["packets"] > b_before["tx"]["packets"]
+    neighbours = json.loads(in_ns(a_ns, "ip", "-j", "neigh", "show", "dev", "eth0").stdout)
+    assert any(n["dst"] == GATEWAY and n.get("lladdr") == HOST_MAC for n in neighbours), neighbours
+
+    checked = runtime.check("ctr-a", a_ns, a.json, pod="pod-a")
+    assert checked.rc == 0 and checked.stdout.strip() == "", checked
+
+    deleted = runtime.delete("ctr-a", a_ns, a.json, pod="pod-a")
+    assert deleted.rc == 0 and deleted.stdout.strip() == "", deleted
+    assert host_ifs["a"] not in cali_links(mesh)
+    assert addresses["a"] not in host_routes(mesh)
+    state = ipam_state(mesh)
+    assert f"{NETWORK}.ctr-a" not in state["handles"] and f"{NETWORK}.ctr-b" in state["handles"], state
+    assert [w.rsplit("/", 1)[1] for w in state["weps"]] == ["node1-k8s-pod--b-eth0"], state["weps"]
+    assert state["report"]["problems"] == []
+    # Pod b is untouched, and a second DEL of a is a success that changes nothing (the spec's idempotent DEL).
+    assert pod_ping(b_ns, node_ip), "pod b lost its network when pod a was deleted"
+    again = runtime.delete("ctr-a", a_ns, a.json, pod="pod-a")
+    assert again.rc == 0, again
+    assert host_ifs["b"] in cali_links(mesh) and host_routes(mesh) == {addresses["b"]: host_ifs["b"]}
+
+    assert runtime.delete("ctr-b", b_ns, b.json, pod="pod-b").rc == 0
+    assert_nothing_left(mesh)
+
+
+def test_portmap_chained_after_calico_py(mesh: LabHandle, pods: Pods, runtime: Runtime) -> None:
+    if not PORTMAP.exists():
+        pytest.skip(f"{PORTMAP} missing: apt-get install -y containernetworking-plugins")
+    probe = mesh.exec(NODE, "iptables", "-t", "nat", "-S")
+    if probe.returncode != 0:
+        pytest.skip(f"iptables cannot run in a lab namespace here, so portmap cannot: {probe.stderr.strip()}")
+    conflist = {"cniVersion": "1.0.0", "name": NETWORK,
+                "plugins": [{"type": "calico-py", "ipam": {"type": "calico-py-ipam"}},
+                            {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True}]}
+    mappings = [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]
+
+    def plugin_config(index: int, prev: dict[str, Any] | None) -> dict[str, Any]:
+        """What libcni hands plugin ``index`` of the list: its own section, the list's name and version, the
+        runtime's values for the capabilities it declares, and the previous plugin's result."""
+        section = conflist["plugins"][index]  # type: ignore[index]
+        config = {**section, "cniVersion": conflist["cniVersion"], "name": conflist["name"]}
+        if section.get("capabilities", {}).get("portMappings"):
+            config["runtimeConfig"] = {"portMappings": mappings}
+        if prev is not None:
+            config["prevResult"] = prev
+        return config
+
+    ns = pods.new("pm")
+    container = "ctr-pm"
+    first = runtime.call("ADD", plugin_config(0, None), container, ns, pod="pod-pm")
+    assert first.rc == 0, first
+    pod_ip = first.json["ips"][0]["address"].split("/")[0]
+    second = runtime.call("ADD", plugin_config(1, first.json), container, ns, pod="pod-pm")
+    assert second.rc == 0, second
+    passed = second.json
+    for key in ("interfaces", "ips", "routes"):
+        assert passed[key] == first.json[key], (key, passed, first.json)
+
+    def nat_rules() -> str:
+        result = mesh.exec(NODE, "iptables", "-t", "nat", "-S")
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    rules = nat_rules()
+    dnat = [line for line in rules.splitlines() if f"--to-destination {pod_ip}:80" in line]
+    assert dnat and all("--dport 8080" in line for line in dnat), rules
+    assert f'id: \\"{container}\\"' in rules, rules
+
+    # The mapping works: node2 reaches the pod's port 80 at node1's port 8080.
+    greeter = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-I", "-c", GREETER],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        node_ip = str(mesh.address(NODE).ip)
+
+        def answered() -> bool:
+            out = mesh.exec("node2", sys.executable, "-I", "-c", CONNECT, node_ip, "8080", timeout=10)
+            return out.returncode == 0 and out.stdout.strip() == "hello from the pod"
+
+        deadline_poll(answered, 20, f"node2 to reach the pod through {node_ip}:8080")
+    finally:
+        greeter.kill()
+        greeter.wait(timeout=10)
+
+    # DEL in reverse order, each plugin given the list's final result.
+    removed = runtime.call("DEL", plugin_config(1, passed), container, ns, pod="pod-pm")
+    assert removed.rc == 0, removed
+    rules = nat_rules()
+    assert pod_ip not in rules and container not in rules, rules
+    assert not re.search(r"^-N CNI-DN-", rules, re.MULTILINE), rules
+    gone = runtime.call("DEL", plugin_config(0, passed), container, ns, pod="pod-pm")
+    assert gone.rc == 0, gone
+    assert_nothing_left(mesh)
+
+
+def test_fifty_concurrent_adds_ping_and_dels(mesh: LabHandle, pods: Pods, runtime: Runtime) -> None:
+    count = 50
+    names = [pods.new(f"p{i:02d}") for i in range(count)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=count) as pool:
+        added = list(pool.map(lambda i: runtime.add(f"ctr-{i:02d}", names[i], pod=f"pod-{i:02d}"), range(count)))
+    failed = [str(c) for c in added if c.rc != 0]
+    assert not failed, "\n".join(failed[:5])
+    ips = [c.json["ips"][0]["address"].split("/")[0] for c in added]
+    host_ifs = [c.json["interfaces"][0]["name"] for c in added]
+    assert len(set(ips)) == count and len(set(host_ifs)) == count
+    assert cali_links(mesh) == set(host_ifs)
+    routes = host_routes(mesh)
+    missing = {ip: dev for ip, dev in zip(ips, host_ifs, strict=True) if routes.get(ip) != dev}
+    assert not missing, f"pod routes missing or wrong: {missing}\n{route_log(mesh)}"
+
+    def neighbour_ping(i: int) -> str | None:
+        target = ips[(i + 1) % count]
+        return None if pod_ping(names[i], target, timeout=10) else f"pod {i} cannot reach pod {(i + 1) % count}"
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        unreachable = [r for r in pool.map(neighbour_ping, range(count)) if r]
+    assert not unreachable, unreachable
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=count) as pool:
+        deleted = list(pool.map(lambda i: runtime.delete(f"ctr-{i:02d}", names[i], added[i].json,
+                                                         pod=f"pod-{i:02d}"), range(count)))
+    failed = [str(c) for c in deleted if c.rc != 0]
+    assert not failed, "\n".join(failed[:5])
+    state = assert_nothing_left(mesh)
+    assert state["report"]["allocated"] == 0, state["report"]
+
+
+def test_daemon_restart_keeps_traffic_and_repairs_a_deleted_route(mesh: LabHandle, pods: Pods,
+                                                                 runtime: Runtime) -> None:
+    a_ns, b_ns, c_ns = pods.new("ra"), pods.new("rb"), pods.new("rc")
+    calls = {n: runtime.add(f"ctr-{n}", ns, pod=f"pod-{n}") for n, ns in (("ra", a_ns), ("rb", b_ns), ("rc", c_ns))}
+    for call in calls.values():
+        assert call.rc == 0, call
+    ip = {n: c.json["ips"][0]["address"].split("/")[0] for n, c in calls.items()}
+    c_if = calls["rc"].json["interfaces"][0]["name"]
+    assert pod_ping(a_ns, ip["rb"]) and pod_ping(a_ns, ip["rc"])
+
+    replies: list[tuple[float, int]] = []
+    pinger = subprocess.Popen(["ip", "netns", "exec", a_ns, "ping", "-n", "-i", "0.05", "-W", "1", ip["rb"]],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+
+    def read() -> None:
+        assert pinger.stdout is not None
+        for line in pinger.stdout:
+            output.append(line)
+            if match := re.search(r"icmp_seq=(\d+) ttl=", line):
+                replies.append((time.monotonic(), int(match.group(1))))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline_poll(lambda: len(replies) >= 10, 10, "the first replies of the running ping")
+        killed_at = time.monotonic()
+        stop_daemon(mesh, signal.SIGKILL)
+        # While the daemon is down, pod c's route disappears behind its back.
+        removed = mesh.exec(NODE, "ip", "route", "del", f"{ip['rc']}/32", "dev", c_if, "proto", "80")
+        assert removed.returncode == 0, removed.stderr
+        assert ip["rc"] not in host_routes(mesh)
+        restart_daemon(mesh)
+        restarted_at = time.monotonic()
+        # The start-up reconcile puts it back.
+        deadline_poll(lambda: host_routes(mesh).get(ip["rc"]) == c_if, 20, f"the route to {ip['rc']} to return")
+        deadline_poll(lambda: sum(t > restarted_at for t, _ in replies) >= 10, 10, "replies after the restart")
+    finally:
+        pinger.send_signal(signal.SIGINT)
+        pinger.wait(timeout=10)
+        reader.join(timeout=10)
+    text = "".join(output)
+    summary = re.search(r"(\d+) packets transmitted, (\d+) received", text)
+    assert summary, text
+    transmitted, received = int(summary.group(1)), int(summary.group(2))
+    seqs = [s for _, s in replies]
+    # Every echo answered, in order; at most the one in flight when ping was stopped has no answer yet.
+    assert seqs == list(range(1, len(seqs) + 1)), f"lost echoes: {sorted(set(range(1, max(seqs))) - set(seqs))}"
+    assert transmitted - received <= 1, text[-300:]
+    assert any(t < killed_at for t, _ in replies) and any(t > restarted_at for t, _ in replies)
+    assert pod_ping(a_ns, ip["rc"]), "pod c is unreachable after the route repair"
+    # The restarted daemon serves CNI again.
+    for n, ns in (("ra", a_ns), ("rb", b_ns), ("rc", c_ns)):
+        assert runtime.delete(f"ctr-{n}", ns, calls[n].json, pod=f"pod-{n}").rc == 0
+    assert_nothing_left(mesh)
+
+
+@pytest.mark.parametrize("case", ["malformed-json", "no-netns", "unknown-version", "missing-netns-path",
+                                  "daemon-down"])
+def test_bad_input_gets_the_spec_error_and_leaves_nothing(mesh: LabHandle, pods: Pods, runtime: Runtime,
+                                                          case: str) -> None:
+    ns = pods.new("bad")
+    container = f"ctr-{case}"
+    if case == "malformed-json":
+        call, code, words = runtime.add(container, ns, pod="bad", stdin='{"cniVersion": "1.0.0", "name": '), 6, "JSON"
+    elif case == "no-netns":
+        call, code, words = runtime.call("ADD", CONF, container, None, pod="bad"), 4, "CNI_NETNS"
+    elif case == "unknown-version":
+        call, code, words = runtime.call("ADD", {**CONF, "cniVersion": "9.9.9"}, container, ns, pod="bad"), 1, "9.9.9"
+    elif case == "missing-netns-path":
+        path = f"/run/netns/{pods.prefix}never-created"
+        call, code, words = runtime.add(container, path, pod="bad"), 3, path
+    else:
+        stop_daemon(mesh, signal.SIGTERM)
+        call, code, words = runtime.add(container, ns, pod="bad"), 11, "try again later"
+    assert call.rc != 0, call
+    error = call.json
+    assert error["code"] == code, call
+    assert words in error["msg"] and error["cniVersion"], call
+    pod_links = json.loads(in_ns(ns, "ip", "-j", "link", "show").stdout)
+    assert [link["ifname"] for link in pod_links] == ["lo"], pod_links
+    assert_nothing_left(mesh)
+    if case == "daemon-down":
+        restart_daemon(mesh)  # and the same ADD succeeds once the daemon is back: a runtime's retry works
+        retried = runtime.add(container, ns, pod="bad")
+        assert retried.rc == 0, retried
+        assert runtime.delete(container, ns, retried.json, pod="bad").rc == 0
+        assert_nothing_left(mesh)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import struct
 from collections.abc import Callable
 from typing import Any
+
+from bgpd.unixsock import bind_abstract, peer_uid
 
 SOCKET = "\0calico-py-status"
 
@@ -19,8 +19,7 @@ class StatusServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(self.address)
+        sock = bind_abstract(self.address)
         self._server = await asyncio.start_unix_server(self._serve, sock=sock)
 
     async def stop(self) -> None:
@@ -31,8 +30,7 @@ class StatusServer:
     async def _serve(self, _reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             sock = writer.get_extra_info("socket")
-            uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
-            body = self.snapshot() if uid == 0 else {"error": "only root may read the calico-py status"}
+            body = self.snapshot() if peer_uid(sock) == 0 else {"error": "only root may read the calico-py status"}
             writer.write(json.dumps(body).encode())
             await writer.drain()
         except ConnectionError:

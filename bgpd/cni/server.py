@@ -5,21 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
-import struct
 from collections.abc import Awaitable, Callable
 
 from bgpd.cni import spec
+from bgpd.unixsock import bind_abstract, peer_uid
 
 log = logging.getLogger("calico-py-node.cni")
 SOCKET = "\0calico-py-cni"
 MAX_REQUEST = 4 * 1024 * 1024
 Handler = Callable[[str, dict[str, str], str], Awaitable[tuple[int, str]]]
-
-
-def _peer_uid(sock: socket.socket) -> int:
-    pid_uid_gid = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", pid_uid_gid)[1]
 
 
 class CNIServer:
@@ -29,13 +23,7 @@ class CNIServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(self.address)
-        except OSError as exc:
-            sock.close()
-            raise RuntimeError(f"cannot listen on @{self.address.lstrip(chr(0))}: {exc.strerror} "
-                               "(is another calico-py-node running in this network namespace?)") from None
+        sock = bind_abstract(self.address)
         self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_REQUEST)
 
     async def stop(self) -> None:
@@ -46,7 +34,7 @@ class CNIServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             sock = writer.get_extra_info("socket")
-            if _peer_uid(sock) != 0:
+            if peer_uid(sock) != 0:
                 code, out = 1, json.dumps(spec.CNIError(spec.INVALID_ENVIRONMENT, "only root may call the "
                                                         "calico-py CNI socket").to_json()) + "\n"
             else:

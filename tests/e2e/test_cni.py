@@ -558,3 +558,23 @@ def test_bad_input_gets_the_spec_error_and_leaves_nothing(mesh: LabHandle, pods:
         assert retried.rc == 0, retried
         assert runtime.delete(container, ns, retried.json, pod="bad").rc == 0
         assert_nothing_left(mesh)
+
+
+def test_status_version_and_gc_of_attachments_the_runtime_no_longer_has(mesh: LabHandle, pods: Pods,
+                                                                       runtime: Runtime) -> None:
+    version = runtime.call("VERSION", CONF, "x", None)
+    assert version.rc == 0 and "1.1.0" in version.json["supportedVersions"]
+    assert runtime.call("STATUS", {**CONF, "cniVersion": "1.1.0"}, "x", None).rc == 0
+    kept, gone = pods.new("gc-kept"), pods.new("gc-gone")
+    assert runtime.add("gckept", kept, pod="kept").rc == 0
+    assert runtime.add("gcgone", gone, pod="gone").rc == 0
+    assert len(cali_links(mesh)) == 2
+    valid = {**CONF, "cniVersion": "1.1.0", "cni.dev/valid-attachments": [{"containerID": "gckept", "ifname": "eth0"}]}
+    result = runtime.call("GC", valid, "x", None)
+    assert result.rc == 0, result
+    links = cali_links(mesh)
+    assert len(links) == 1
+    handles = ipam_state(mesh)["handles"]
+    assert any(h.endswith(".gckept") for h in handles) and not any(h.endswith(".gcgone") for h in handles)
+    assert runtime.delete("gckept", kept, pod="kept").rc == 0
+    assert_nothing_left(mesh)

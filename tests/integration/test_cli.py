@@ -157,3 +157,33 @@ def test_ipam_configure_and_unreachable_etcd(cli: Run) -> None:
 
 def test_node_status_without_a_daemon(cli: Run) -> None:
     assert cli("node", "status", check=1).stdout.strip() == "calico-py process is not running."
+
+
+def test_pool_with_allocations_is_kept_unless_forced(cli: Run, etcd_endpoints: list[str]) -> None:
+    cli("apply", "-f", "-", stdin=RESOURCES)
+
+    async def allocate() -> None:
+        async with Datastore(EtcdConfig.parse(etcd_endpoints)) as store:
+            await IPAM(store).auto_assign("k8s-pod-network.c1", "node1")
+    asyncio.run(allocate())
+    before = keyspace(etcd_endpoints)
+    refused = cli("delete", "ippool", "pool-a", check=1).stderr
+    assert "still has 1 addresses allocated" in refused and "--force" in refused
+    assert keyspace(etcd_endpoints) == before
+    assert "deleted" in cli("delete", "ippool", "pool-a", "--force").stdout
+    assert "does not exist" in cli("get", "ippool", "pool-a", check=1).stderr
+
+
+def test_config_file_like_calicoctl_cfg(etcd_endpoints: list[str], tmp_path: Path) -> None:
+    config = tmp_path / "calicoctl.cfg"
+    config.write_text("apiVersion: projectcalico.org/v3\nkind: CalicoAPIConfig\nmetadata: {}\n"
+                      f"spec:\n  datastoreType: etcdv3\n  etcdEndpoints: {','.join(etcd_endpoints)}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
+    result = subprocess.run([CLI, "--config", str(config), "apply", "-f", "-"], input=RESOURCES, text=True,
+                            capture_output=True, env=env, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    bad = tmp_path / "bad.cfg"
+    bad.write_text("kind: Something\n")
+    result = subprocess.run([CLI, "--config", str(bad), "get", "ippools"], text=True, capture_output=True, env=env,
+                            timeout=60, check=False)
+    assert result.returncode == 1 and "expected kind CalicoAPIConfig" in result.stderr

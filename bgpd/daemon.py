@@ -27,6 +27,8 @@ from bgpd.cni.server import CNIServer
 from bgpd.config import Config, ConfigError
 from bgpd.reconciler import RouteReconciler
 from bgpd.resources import node_resource, register_node
+from bgpd.speaker.exabgp import ExaBGP
+from bgpd.speaker.sync import BGPSync
 from bgpd.status import StatusServer
 from ipam.allocator import IPAM
 from ipam.datastore import Datastore
@@ -83,7 +85,14 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None) -> None:
                                                  existing.json() if existing else None))
         await ensure_default_pool(store, config)
         netlink = Netlink()
-        reconciler = RouteReconciler(store, netlink, config.nodename, config.reconcile_interval)
+        bgp: BGPSync | None = None
+        reconciler = RouteReconciler(store, netlink, config.nodename, config.reconcile_interval,
+                                     learned=lambda: bgp.learned() if bgp else {})
+        if config.networking_backend == "bird" and address is not None:
+            speaker = ExaBGP(Path(os.environ.get("CALICO_STATE_DIR", f"/run/calico-py/{config.nodename}")),
+                             str(address.ip), on_routes=reconciler.wake)
+            bgp = BGPSync(store, speaker, config.nodename)
+            await speaker.start()
         await reconciler.reconcile_once()
         handler = CNIHandler(IPAM(store), config.nodename, netlink, config.mtu, changed=reconciler.wake)
         server = CNIServer(handler.handle)
@@ -95,7 +104,8 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None) -> None:
                     "uptime_seconds": time.monotonic() - started, "version": __version__,
                     "reconcile": dataclasses.asdict(reconciler.stats), "workloads": reconciler.stats.workloads,
                     "datastore": {"endpoint": store.endpoint, "failovers": store.failovers},
-                    "bgp": False, "peers": [], "logs": [p for p in (os.environ.get("CALICO_LOG_FILE"),) if p]}
+                    "bgp": bgp is not None, "peers": bgp.status() if bgp else [],
+                    "logs": [p for p in (os.environ.get("CALICO_LOG_FILE"),) if p]}
 
         status = StatusServer(snapshot)
         await status.start()
@@ -105,13 +115,18 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         reconcile_task = asyncio.create_task(reconciler.run())
+        bgp_task = asyncio.create_task(bgp.run()) if bgp else None
         await stop.wait()
         log.info("stopping")
         await server.stop()
         await status.stop()
-        reconcile_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reconcile_task
+        for task in (reconcile_task, bgp_task):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if bgp:
+            await bgp.speaker.stop()
         netlink.close()
 
 

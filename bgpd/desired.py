@@ -34,6 +34,26 @@ def host_route(address: IPAddress, interface: str) -> RouteSpec:
     return RouteSpec(dst=f"{address}/{address.max_prefixlen}", device=interface)
 
 
+def device_for(gateway: str, connected: Iterable[tuple[str, ipaddress.IPv4Interface]]) -> str | None:
+    """The interface whose subnet holds ``gateway`` (BGP next hops are on a shared segment), or None."""
+    address = ipaddress.ip_address(gateway)
+    return next((name for name, interface in connected if address in interface.network), None)
+
+
+def remote_routes(learned: dict[str, str], connected: Iterable[tuple[str, ipaddress.IPv4Interface]],
+                  own_blocks: Iterable[IPNetwork]) -> set[RouteSpec]:
+    """Routes learned over BGP, via their next hop on the interface that reaches it; never one of our own
+    blocks (ours are blackholed here), never a next hop we cannot reach directly."""
+    connected = list(connected)
+    own = {str(b) for b in own_blocks}
+    routes = set()
+    for prefix, gateway in learned.items():
+        device = device_for(gateway, connected)
+        if prefix not in own and device is not None:
+            routes.add(RouteSpec(dst=prefix, device=device, gateway=gateway))
+    return routes
+
+
 def desired_routes(workloads: Iterable[LocalWorkload], affine_blocks: Iterable[IPNetwork],
                    existing_interfaces: set[str]) -> set[RouteSpec]:
     """A /32 (/128) per local workload address via its veth, and a blackhole per confirmed affine block so

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bgpd import desired
@@ -32,7 +34,9 @@ class ReconcileStats:
 class RouteReconciler:
     """Runs on start, whenever woken (a CNI ADD/DEL), and every ``interval`` seconds to repair drift."""
 
-    def __init__(self, store: Datastore, netlink: Netlink, node: str, interval: float) -> None:
+    def __init__(self, store: Datastore, netlink: Netlink, node: str, interval: float,
+                 learned: Callable[[], dict[str, str]] = dict) -> None:
+        self.learned = learned  # BGP routes: prefix -> next hop, already filtered to the pools
         self.store = store
         self.netlink = netlink
         self.node = node
@@ -43,7 +47,8 @@ class RouteReconciler:
     def wake(self) -> None:
         self._wake.set()
 
-    async def desired_state(self, existing: set[str]) -> set[desired.RouteSpec]:
+    async def desired_state(self, existing: set[str],
+                            connected: list[tuple[str, ipaddress.IPv4Interface]]) -> set[desired.RouteSpec]:
         """The routes the node should hold, for the interfaces ``existing`` in its kernel."""
         weps = await list_node_weps(self.store, self.node)
         affinities = []
@@ -52,10 +57,11 @@ class RouteReconciler:
                 _, cidr = keys.parse_affinity_key(kv.key)
                 if BlockAffinity.from_json(self.node, cidr, kv.json()).confirmed:
                     affinities.append(cidr)
-        local = [desired.LocalWorkload(w.interface, tuple(desired.ipaddress.ip_interface(n).ip
+        local = [desired.LocalWorkload(w.interface, tuple(ipaddress.ip_interface(n).ip
                                                           for n in w.ip_networks)) for w in weps]
         self.stats.workloads = len(local)
-        return desired.desired_routes(local, affinities, existing)
+        return (desired.desired_routes(local, affinities, existing)
+                | desired.remote_routes(self.learned(), connected, affinities))
 
     async def reconcile_once(self) -> int:
         started = time.monotonic()
@@ -63,8 +69,9 @@ class RouteReconciler:
         # endpoint before it plumbs (in one job on the same netlink thread), so every route seen here has its
         # endpoint in the read that follows; read the other way round, a pod plumbed between the two reads has a
         # route but no endpoint yet, and would lose its route.
-        names, have = await self.netlink.run(lambda ipr: (routes.interfaces(ipr), routes.actual_routes(ipr)))
-        want = await self.desired_state(set(names.values()))
+        names, have, connected = await self.netlink.run(
+            lambda ipr: (routes.interfaces(ipr), routes.actual_routes(ipr), routes.connected(ipr)))
+        want = await self.desired_state(set(names.values()), connected)
         diff = desired.diff_routes(want, have)
         self.stats.routes = len(want)
         errors = await self.netlink.run(lambda ipr: routes.apply(ipr, diff)) if not diff.empty else []

@@ -31,6 +31,8 @@ class ImageSpec:
     description: str = ""
     # The user the daemons drop to: their state directory is handed to it (FRR refuses to run as root).
     state_owner: str | None = None
+    # Environment the runner adds (templates as for argv), e.g. where a daemon keeps its state.
+    env: tuple[tuple[str, str], ...] = ()
 
 
 IMAGES: tuple[ImageSpec, ...] = (
@@ -39,6 +41,7 @@ IMAGES: tuple[ImageSpec, ...] = (
         repositories=("calico-py-node", "calico-py"),
         daemons=(Daemon(("calico-py-node",), "calico-py (this project, from the venv)"),),
         description="our node daemon; settings from the node's env: (NODENAME, IP, AS, ETCD_ENDPOINTS, ...)",
+        env=(("CALICO_STATE_DIR", "{state}"), ("CALICO_LOG_FILE", "{state}/calico-py-node.log")),
     ),
     ImageSpec(
         name="etcd",

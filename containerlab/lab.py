@@ -249,9 +249,12 @@ class Lab:
                 shutil.chown(path, spec.state_owner, spec.state_owner)
         return path
 
+    def _values(self, node: Node) -> dict[str, str]:
+        return {"node": node.name, "state": str(self._node_dir(node.name)), "ns": self.netns(node.name),
+                "mgmt_ip": str(self.topology.mgmt_addresses()[node.name].ip)}
+
     def _argv(self, node: Node, template: tuple[str, ...]) -> list[str]:
-        values = {"node": node.name, "state": str(self._node_dir(node.name)), "ns": self.netns(node.name),
-                  "mgmt_ip": str(self.topology.mgmt_addresses()[node.name].ip)}
+        values = self._values(node)
         argv = []
         for item in template:
             if item.startswith("{bind:"):
@@ -273,7 +276,7 @@ class Lab:
                 if (node.name, name) in running:
                     continue
                 env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "HOME": "/root",
-                       "LANG": "C.UTF-8", **node.env}
+                       "LANG": "C.UTF-8", **{k: v.format(**self._values(node)) for k, v in spec.env}, **node.env}
                 process = netns.spawn(node.name, name, self.netns(node.name), self._argv(node, daemon.argv), env,
                                       self._node_dir(node.name) / f"{name}.log", self._node_dir(node.name))
                 processes.append(process)

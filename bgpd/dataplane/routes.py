@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -17,6 +18,13 @@ FAMILIES = (2, 10)  # AF_INET, AF_INET6
 
 def interfaces(ipr: IPRoute) -> dict[int, str]:
     return {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+
+
+def connected(ipr: IPRoute) -> list[tuple[str, ipaddress.IPv4Interface]]:
+    """(interface, address) of every IPv4 address on the node."""
+    names = interfaces(ipr)
+    return [(names.get(a["index"], "?"), ipaddress.IPv4Interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"))
+            for a in ipr.get_addr(family=2)]
 
 
 def actual_routes(ipr: IPRoute) -> set[RouteSpec]:
@@ -42,6 +50,7 @@ def _request(spec: RouteSpec, names: dict[str, int]) -> dict[str, object]:
         request["oif"] = names[spec.device or ""]
         if spec.gateway:
             request["gateway"] = spec.gateway
+            request["flags"] = 4  # RTNH_F_ONLINK: the next hop is on the segment even if no route says so
         else:
             request["scope"] = SCOPE_LINK
     return request

@@ -1,0 +1,125 @@
+"""Pure BGP desired state: which peers a node has (Calico's semantics), what it announces, what it accepts,
+and ExaBGP's configuration text for it."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ipam.model import IPNetwork, IPPool
+from ipam.selector import parse_selector
+
+DEFAULT_AS = 64512
+MESH = "node-to-node mesh"
+GLOBAL = "global"
+NODE_SPECIFIC = "node specific"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    name: str
+    ipv4: ipaddress.IPv4Interface | None
+    as_number: int | None
+    labels: Mapping[str, str]
+    rr_cluster_id: str | None = None
+
+    @classmethod
+    def from_v3(cls, obj: Mapping[str, Any]) -> NodeInfo:
+        meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+        bgp = spec.get("bgp") or {}
+        address = bgp.get("ipv4Address")
+        return cls(name=meta.get("name", ""), ipv4=ipaddress.IPv4Interface(address) if address else None,
+                   as_number=bgp.get("asNumber"), labels=meta.get("labels") or {},
+                   rr_cluster_id=bgp.get("routeReflectorClusterID"))
+
+
+@dataclass(frozen=True, order=True)
+class PeerSpec:
+    address: str
+    peer_as: int
+    local_as: int
+    local_address: str
+    kind: str  # MESH, GLOBAL, NODE_SPECIFIC
+    name: str  # the peer node's name, or the BGPPeer's
+
+
+def node_as(node: NodeInfo, global_as: int) -> int:
+    return node.as_number or global_as
+
+
+def desired_peers(me: NodeInfo, nodes: Iterable[NodeInfo], bgp_config: Mapping[str, Any] | None,
+                  bgp_peers: Iterable[Mapping[str, Any]]) -> list[PeerSpec]:
+    """Calico's peering: the full mesh among nodes while nodeToNodeMeshEnabled, plus BGPPeer resources that
+    select this node (global, ``node:``, ``nodeSelector``), to a fixed ``peerIP`` or every node matching
+    ``peerSelector``."""
+    spec = (bgp_config or {}).get("spec") or {}
+    global_as = int(spec.get("asNumber") or DEFAULT_AS)
+    if me.ipv4 is None:
+        return []
+    local_as = node_as(me, global_as)
+    local = str(me.ipv4.ip)
+    others = [n for n in nodes if n.name != me.name and n.ipv4 is not None]
+    peers: dict[str, PeerSpec] = {}
+    if spec.get("nodeToNodeMeshEnabled", True):
+        for node in others:
+            peers[str(node.ipv4.ip)] = PeerSpec(str(node.ipv4.ip), node_as(node, global_as), local_as,  # type: ignore[union-attr]
+                                                local, MESH, node.name)
+    for resource in bgp_peers:
+        peer_spec = resource.get("spec") or {}
+        name = (resource.get("metadata") or {}).get("name", "")
+        if peer_spec.get("node"):
+            if peer_spec["node"] != me.name:
+                continue
+            kind = NODE_SPECIFIC
+        elif peer_spec.get("nodeSelector"):
+            if not parse_selector(peer_spec["nodeSelector"]).matches(me.labels):
+                continue
+            kind = GLOBAL
+        else:
+            kind = GLOBAL
+        if peer_spec.get("peerIP"):
+            address = str(peer_spec["peerIP"]).rsplit(":", 1)[0] if peer_spec["peerIP"].count(":") == 1 \
+                else str(peer_spec["peerIP"])
+            peers.setdefault(address, PeerSpec(address, int(peer_spec["asNumber"]), local_as, local, kind, name))
+        elif peer_spec.get("peerSelector"):
+            selector = parse_selector(peer_spec["peerSelector"])
+            for node in others:
+                if selector.matches(node.labels):
+                    peers.setdefault(str(node.ipv4.ip), PeerSpec(  # type: ignore[union-attr]
+                        str(node.ipv4.ip), node_as(node, global_as), local_as, local, kind, node.name))  # type: ignore[union-attr]
+    return sorted(peers.values())
+
+
+def announcements(affine_blocks: Iterable[IPNetwork], pools: Iterable[IPPool]) -> set[str]:
+    """The node's confirmed blocks inside enabled pools that allow BGP export."""
+    exportable = [p for p in pools if not p.disabled and not p.disable_bgp_export]
+    return {str(b) for b in affine_blocks
+            if any(b.version == p.cidr.version and b.subnet_of(p.cidr) for p in exportable)}  # type: ignore[arg-type]
+
+
+def accepted(prefix: IPNetwork, pools: Iterable[IPPool]) -> bool:
+    """Only prefixes inside a pool are accepted: a peer cannot inject 0.0.0.0/0 or a node address."""
+    return any(prefix.version == p.cidr.version and prefix.subnet_of(p.cidr) and prefix != p.cidr  # type: ignore[arg-type]
+               for p in pools) or any(prefix == p.cidr and p.block_size == p.cidr.prefixlen for p in pools)
+
+
+def render_exabgp(router_id: str, peers: Iterable[PeerSpec], relay: list[str]) -> str:
+    """ExaBGP 5 configuration: one neighbor per peer, all feeding our API process."""
+    lines = ["process calico {", f"    run {' '.join(relay)};", "    encoder json;", "}", ""]
+    for peer in peers:
+        lines += [
+            f"neighbor {peer.address} {{",
+            f"    router-id {router_id};",
+            f"    local-address {peer.local_address};",
+            f"    local-as {peer.local_as};",
+            f"    peer-as {peer.peer_as};",
+            "    hold-time 30;",
+            "    capability { graceful-restart 120; }",
+            "    family { ipv4 unicast; }",
+            "    api { processes [ calico ]; receive { parsed; update; } neighbor-changes; }",
+            "}",
+            "",
+        ]
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""BGP with ExaBGP on mesh3: full-mesh sessions, block routes in every kernel, pods reach pods on other nodes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_cni import SHIM, Pods, Runtime, pod_ping
+from tests.labfixture import LabHandle
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="lab tests need root (network namespaces)")
+CLI = str(Path(sys.executable).parent / "calicoctl-py")
+NODES = ("node1", "node2", "node3")
+
+
+def established(handle: LabHandle, node: str) -> int:
+    out = handle.exec(node, CLI, "node", "status").stdout
+    return sum(1 for line in out.splitlines() if "node-to-node mesh" in line and line.rstrip().endswith("Established"))
+
+
+@pytest.fixture
+def mesh3(lab: Callable[..., LabHandle]) -> LabHandle:
+    handle = lab("mesh3.clab.yml")
+    for node in NODES:
+        handle.wait_for(lambda node=node: established(handle, node) == 2, timeout=60,
+                        what=f"{node} to have Established sessions to both other nodes")
+    return handle
+
+
+@pytest.fixture
+def pods() -> Iterator[Pods]:
+    made = Pods()
+    yield made
+    made.cleanup()
+
+
+def test_mesh3_pods_on_every_node_reach_each_other_over_bgp(mesh3: LabHandle, pods: Pods, tmp_path: Path) -> None:
+    bin_dir = tmp_path / "cni-bin"
+    bin_dir.mkdir()
+    shutil.copyfile(SHIM, bin_dir / "calico-py")
+    (bin_dir / "calico-py").chmod(0o755)
+    addresses: dict[str, str] = {}
+    namespaces: dict[str, str] = {}
+    for node in NODES:
+        namespaces[node] = pods.new(f"bgp-{node}")
+        added = Runtime(mesh3, bin_dir, node).add(f"bgp{node}", namespaces[node], pod=f"web-{node}")
+        assert added.rc == 0, added
+        addresses[node] = added.json["ips"][0]["address"].split("/")[0]
+    for node in NODES:
+        for other in NODES:
+            if other != node:
+                # The other node's block arrives over BGP and lands in this node's kernel with our protocol.
+                mesh3.wait_for(lambda n=node, o=other: "via" in mesh3.exec(
+                    n, "ip", "route", "show", "proto", "80", "match", addresses[o]).stdout, timeout=30,
+                    what=f"{node} to learn the block of {other}")
+                assert pod_ping(namespaces[node], addresses[other]), f"pod on {node} cannot reach pod on {other}"
+    for node in NODES:
+        assert Runtime(mesh3, bin_dir, node).delete(f"bgp{node}", namespaces[node], pod=f"web-{node}").rc == 0

@@ -1,0 +1,102 @@
+"""BGP pure logic: peers from Calico resources, announcements, the import filter, ExaBGP config, ExaBGP JSON."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from pathlib import Path
+
+from bgpd.desired import RouteSpec, remote_routes
+from bgpd.speaker.exabgp import ExaBGP
+from bgpd.speaker.peers import (
+    GLOBAL,
+    MESH,
+    NODE_SPECIFIC,
+    NodeInfo,
+    accepted,
+    announcements,
+    desired_peers,
+    render_exabgp,
+)
+from ipam.model import IPPool
+
+
+def node(name: str, ip: str | None, as_number: int | None = None, **labels: str) -> NodeInfo:
+    return NodeInfo(name, ipaddress.IPv4Interface(ip) if ip else None, as_number, labels)
+
+
+NODES = [node("n1", "10.0.0.11/24", rack="r1"), node("n2", "10.0.0.12/24", 65002, rack="r1"),
+         node("n3", "10.0.0.13/24", rack="r2", rr="true"), node("n4", None)]
+
+
+def test_full_mesh_by_default() -> None:
+    peers = desired_peers(NODES[0], NODES, None, [])
+    assert [(p.address, p.peer_as, p.local_as, p.kind) for p in peers] == [
+        ("10.0.0.12", 65002, 64512, MESH), ("10.0.0.13", 64512, 64512, MESH)]
+    assert desired_peers(node("x", None), NODES, None, []) == []  # no address: no BGP
+
+
+def test_bgp_peers_global_node_specific_selectors() -> None:
+    config = {"spec": {"nodeToNodeMeshEnabled": False, "asNumber": 65000}}
+    resources = [
+        {"metadata": {"name": "tor"}, "spec": {"peerIP": "10.0.0.1", "asNumber": 65100}},
+        {"metadata": {"name": "n1-only"}, "spec": {"node": "n1", "peerIP": "10.0.0.2:179", "asNumber": 65101}},
+        {"metadata": {"name": "not-me"}, "spec": {"node": "n2", "peerIP": "10.0.0.3", "asNumber": 1}},
+        {"metadata": {"name": "rack2"}, "spec": {"nodeSelector": "rack == 'r2'", "peerIP": "10.0.0.4", "asNumber": 1}},
+        {"metadata": {"name": "to-rr"}, "spec": {"nodeSelector": "all()", "peerSelector": "has(rr)"}},
+    ]
+    peers = {p.address: p for p in desired_peers(NODES[0], NODES, config, resources)}
+    assert set(peers) == {"10.0.0.1", "10.0.0.2", "10.0.0.13"}
+    assert peers["10.0.0.1"].kind == GLOBAL and peers["10.0.0.1"].local_as == 65000
+    assert peers["10.0.0.2"].kind == NODE_SPECIFIC and peers["10.0.0.2"].peer_as == 65101
+    assert peers["10.0.0.13"].peer_as == 65000  # a selected node: its AS, else the global one
+
+
+def test_announcements_and_import_filter() -> None:
+    pools = [IPPool("p", ipaddress.ip_network("10.244.0.0/16"), 26),
+             IPPool("quiet", ipaddress.ip_network("10.245.0.0/16"), 26, disable_bgp_export=True)]
+    blocks = [ipaddress.ip_network(b) for b in ("10.244.1.0/26", "10.245.0.0/26", "10.9.0.0/26")]
+    assert announcements(blocks, pools) == {"10.244.1.0/26"}
+    assert accepted(ipaddress.ip_network("10.244.7.0/26"), pools)
+    assert accepted(ipaddress.ip_network("10.244.7.9/32"), pools)  # a borrowed address
+    for outside in ("0.0.0.0/0", "10.0.0.12/32", "10.244.0.0/16", "10.0.0.0/8"):
+        assert not accepted(ipaddress.ip_network(outside), pools), outside
+
+
+def test_remote_routes_need_a_reachable_next_hop_and_never_shadow_our_blocks() -> None:
+    connected = [("eth1", ipaddress.IPv4Interface("10.0.0.11/24")), ("eth0", ipaddress.IPv4Interface("172.20.20.3/24"))]
+    learned = {"10.244.2.0/26": "10.0.0.12", "10.244.1.0/26": "10.0.0.13", "10.244.3.0/26": "192.0.2.1"}
+    routes = remote_routes(learned, connected, [ipaddress.ip_network("10.244.1.0/26")])
+    assert routes == {RouteSpec("10.244.2.0/26", device="eth1", gateway="10.0.0.12")}
+
+
+def test_exabgp_config_has_one_neighbor_per_peer() -> None:
+    peers = desired_peers(NODES[0], NODES, None, [])
+    text = render_exabgp("10.0.0.11", peers, ["/usr/bin/python3", "relay.py"])
+    assert "run /usr/bin/python3 relay.py;" in text and "encoder json;" in text
+    assert text.count("neighbor ") == 2 and "peer-as 65002;" in text and "local-address 10.0.0.11;" in text
+    assert "graceful-restart 120" in text
+
+
+def test_exabgp_json_updates_and_untrusted_input(tmp_path: Path) -> None:
+    woken: list[int] = []
+    speaker = ExaBGP(tmp_path, "10.0.0.11", on_routes=lambda: woken.append(1))
+    speaker.set_peers(desired_peers(NODES[0], NODES, None, []))
+
+    def update(peer: str, announce: dict | None = None, withdraw: list | None = None) -> bytes:
+        body = {"announce": {"ipv4 unicast": announce}} if announce else {}
+        if withdraw:
+            body["withdraw"] = {"ipv4 unicast": withdraw}
+        return json.dumps({"type": "update", "neighbor": {"address": {"peer": peer, "local": "10.0.0.11"},
+                                                         "message": {"update": body}}}).encode()
+    speaker._handle(update("10.0.0.12", {"10.0.0.12": [{"nlri": "10.244.2.0/26"}, {"nlri": "bogus"}]}))
+    assert speaker.learned() == {"10.244.2.0/26": "10.0.0.12"} and woken
+    speaker._handle(update("10.0.0.99", {"10.0.0.99": [{"nlri": "10.244.9.0/26"}]}))  # not a peer of ours
+    for garbage in (b"done", b"[1,2]", b"{", b'{"type": "update", "neighbor": 5}'):
+        speaker._handle(garbage)
+    assert speaker.learned() == {"10.244.2.0/26": "10.0.0.12"}
+    speaker._handle(update("10.0.0.12", withdraw=[{"nlri": "10.244.2.0/26"}]))
+    assert speaker.learned() == {}
+    state = {"type": "state", "neighbor": {"address": {"peer": "10.0.0.13"}, "state": "up"}}
+    speaker._handle(json.dumps(state).encode())
+    assert speaker.peers["10.0.0.13"].info == "Established"

@@ -38,13 +38,11 @@ lint: venv
 LAB_TOPOLOGY ?= containerlab/topologies/mesh3.clab.yml
 LAB := $(VENV)/bin/calico-py-lab
 
-# The default lab, left running: nodes, links, a ping across the LAN, and how to take it down.
+# The default lab, left running: nodes and links, BGP sessions, two pods per node made through the CNI plugin,
+# each node's status and the pod-to-pod ping matrix; then how to look inside and take it down.
 lab: deps venv
-	$(LAB) deploy -t $(LAB_TOPOLOGY)
-	@echo; echo "ping node1 -> node2 and node3 across the lab's LAN:"
-	$(LAB) exec -t $(LAB_TOPOLOGY) --node node1 -- ping -c2 -W2 10.0.0.12
-	$(LAB) exec -t $(LAB_TOPOLOGY) --node node1 -- ping -c2 -W2 10.0.0.13
-	@echo; echo "The lab keeps running. Look inside: $(LAB) exec -t $(LAB_TOPOLOGY) --node node1 -- ip addr"
+	$(LAB) demo -t $(LAB_TOPOLOGY)
+	@echo; echo "The lab keeps running. Look inside: $(LAB) exec -t $(LAB_TOPOLOGY) --node node1 -- ip route"
 	@echo "Take it down:       make lab-destroy   (or $(LAB) destroy -t $(LAB_TOPOLOGY))"
 
 lab-destroy: venv

@@ -304,7 +304,9 @@ class Lab:
         with self._locked():
             netns.stop_pids([(p.pid, p.started) for p in self._load_processes()])
             existing = netns.namespaces()
-            ours = [ns for ns in self.all_namespaces() if ns in existing]
+            # Pods made in the lab (calico-py-lab demo, tests) go with it; they are named clab-<lab>-pod-*.
+            pods = sorted(ns for ns in existing if ns.startswith(f"{self.mgmt_ns}-pod-"))
+            ours = pods + [ns for ns in self.all_namespaces() if ns in existing]
             # Anything else still running inside our namespaces (started by exec: or by hand) is the lab's too.
             netns.stop_pids([(pid, None) for ns in ours for pid in netns.namespace_pids(ns)], grace=2.0)
             for ns in ours:

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from containerlab import graph
+from containerlab import demo, graph
 from containerlab.lab import Lab, NodeStatus, run_root
 from containerlab.netns import LabError
 from containerlab.topology import TopologyError, load
@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("deploy", "create the lab (idempotent)"), ("destroy", "remove every namespace, link and "
                        "process of the lab"), ("inspect", "show nodes, addresses, processes"),
-                       ("exec", "run a command in a node"), ("graph", "draw the topology")):
+                       ("exec", "run a command in a node"), ("graph", "draw the topology"),
+                       ("demo", "deploy, then pods on every calico-py node, node status and a ping matrix")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("-t", "--topo", required=True, type=Path, help="topology file (*.clab.yml)")
         cmd.add_argument("--name", help="override the lab name of the file")
@@ -48,13 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         topology = load(args.topo, args.name)
         lab = Lab(topology, args.run_dir)
-        if args.command == "deploy":
+        if args.command in ("deploy", "demo"):
             report = lab.deploy()
             for warning in report.warnings:
                 print(f"warning: {warning}", file=sys.stderr)
             print(f"lab {topology.name} deployed in {report.seconds:.2f}s: {len(report.created_nodes)} nodes "
                   f"created, {report.created_links} links created, {len(report.started)} daemons started")
             print(_table(lab.inspect()))
+            if args.command == "demo":
+                return demo.run(lab)
         elif args.command == "destroy":
             seconds = lab.destroy()
             print(f"lab {topology.name} destroyed in {seconds:.2f}s")

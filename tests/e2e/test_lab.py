@@ -191,3 +191,21 @@ def test_crosssubnet_routes_through_the_plain_router(lab) -> None:
     handle = lab("crosssubnet.clab.yml")
     assert handle.ping("node1", handle.address("node3", "eth1").ip)
     assert handle.ping("node4", handle.address("node2", "eth1").ip)
+
+
+def test_demo_makes_pods_that_reach_each_other_and_destroy_takes_them(tmp_path: Path) -> None:
+    topo = TOPOLOGIES / "mesh3.clab.yml"
+    name = f"demo-t{os.getpid() % 100000}"
+    cli = [sys.executable, "-m", "containerlab.runner", "--run-dir", str(tmp_path / "run")]
+    try:
+        demo = subprocess.run([*cli, "demo", "-t", str(topo), "--name", name], capture_output=True, text=True,
+                              timeout=300, check=False)
+        assert demo.returncode == 0, demo.stdout + demo.stderr
+        assert "all pods reach each other" in demo.stdout
+        assert demo.stdout.count("Established") == 6  # three nodes, two mesh peers each
+        assert sum(ns.startswith(f"clab-{name}-pod-") for ns in netns.namespaces()) == 6
+    finally:
+        destroyed = subprocess.run([*cli, "destroy", "-t", str(topo), "--name", name], capture_output=True,
+                                   text=True, timeout=120, check=False)
+        assert destroyed.returncode == 0, destroyed.stderr
+    assert not [ns for ns in netns.namespaces() if ns.startswith(f"clab-{name}")]

@@ -61,3 +61,33 @@ def test_mesh3_pods_on_every_node_reach_each_other_over_bgp(mesh3: LabHandle, po
                 assert pod_ping(namespaces[node], addresses[other]), f"pod on {node} cannot reach pod on {other}"
     for node in NODES:
         assert Runtime(mesh3, bin_dir, node).delete(f"bgp{node}", namespaces[node], pod=f"web-{node}").rc == 0
+
+
+def test_leafspine_nodes_peer_with_their_leaf_and_pods_reach_across_racks(lab: Callable[..., LabHandle],
+                                                                          pods: Pods, tmp_path: Path) -> None:
+    handle = lab("leafspine.clab.yml")
+    bgp = (Path(__file__).resolve().parents[2] / "containerlab" / "topologies" / "leafspine" / "calico-bgp.yaml")
+    applied = handle.exec("node1", "env", "ETCD_ENDPOINTS=http://172.20.23.2:2379", CLI, "apply", "-f", str(bgp))
+    assert applied.returncode == 0, applied.stderr
+    for node in ("node1", "node2", "node3", "node4"):
+        handle.wait_for(lambda node=node: " global " in handle.exec(node, CLI, "node", "status").stdout
+                        and handle.exec(node, CLI, "node", "status").stdout.count("Established") == 1,
+                        timeout=60, what=f"{node} to have one Established session, to its leaf")
+    bin_dir = tmp_path / "cni-bin"
+    bin_dir.mkdir()
+    shutil.copyfile(SHIM, bin_dir / "calico-py")
+    (bin_dir / "calico-py").chmod(0o755)
+    placed = {}
+    for node in ("node1", "node3"):  # one per rack
+        ns = pods.new(f"ls-{node}")
+        added = Runtime(handle, bin_dir, node).add(f"ls{node}", ns, pod=f"web-{node}")
+        assert added.rc == 0, added
+        placed[node] = (ns, added.json["ips"][0]["address"].split("/")[0])
+    assert pod_ping(placed["node1"][0], placed["node3"][1], timeout=60), "rack 1 pod cannot reach rack 2 pod"
+    assert pod_ping(placed["node3"][0], placed["node1"][1], timeout=60)
+    leaf_routes = handle.exec("leaf1", "ip", "route").stdout
+    assert f"{placed['node1'][1]}/26" in leaf_routes or placed["node1"][1].rsplit(".", 1)[0] in leaf_routes
+    for line in leaf_routes.splitlines():
+        if "proto bird" in line:  # what the leaf learned: pod blocks and the other rack's subnet only
+            destination = line.split()[0]
+            assert destination.startswith(("10.244.", "10.1.", "10.255.")), line

@@ -58,6 +58,7 @@ class Config:
     reconcile_interval: float
     log_level: str
     labels: dict[str, str] = field(default_factory=dict)
+    rr_cluster_id: str | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> Config:
@@ -85,7 +86,20 @@ class Config:
             reconcile_interval=float(_int(env, "CALICO_RECONCILE_INTERVAL", 60, 1, 86400)),
             log_level=env.get("LOG_LEVEL", "info"),
             labels=dict(item.split("=", 1) for item in env.get("CALICO_NODE_LABELS", "").split(",") if "=" in item),
+            rr_cluster_id=_cluster_id(env),
         )
+
+
+def _cluster_id(env: dict[str, str]) -> str | None:
+    """CALICO_ROUTE_REFLECTOR_CLUSTER_ID: our stand-in for Calico's Node field / annotation (an IPv4 form)."""
+    value = env.get("CALICO_ROUTE_REFLECTOR_CLUSTER_ID", "").strip()
+    if not value:
+        return None
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise ConfigError(f"CALICO_ROUTE_REFLECTOR_CLUSTER_ID={value!r}: give an IPv4-style id such as "
+                          "224.0.0.1") from None
 
 
 def default_pool(env: dict[str, str]) -> dict[str, Any] | None:

@@ -82,7 +82,7 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None) -> None:
     async with Datastore(config.etcd) as store:
         existing = await store.get(f"/calico/resources/v3/projectcalico.org/nodes/{config.nodename}")
         await register_node(store, node_resource(config.nodename, address, None, config.as_number, config.labels,
-                                                 existing.json() if existing else None))
+                                                 existing.json() if existing else None, config.rr_cluster_id))
         await ensure_default_pool(store, config)
         netlink = Netlink()
         bgp: BGPSync | None = None

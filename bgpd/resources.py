@@ -13,7 +13,8 @@ API_VERSION = "projectcalico.org/v3"
 
 
 def node_resource(name: str, ipv4: ipaddress.IPv4Interface | None, ipv6: ipaddress.IPv6Interface | None,
-                  as_number: int | None, labels: dict[str, str], existing: dict[str, Any] | None) -> dict[str, Any]:
+                  as_number: int | None, labels: dict[str, str], existing: dict[str, Any] | None,
+                  rr_cluster_id: str | None = None) -> dict[str, Any]:
     """The Node resource for this node: our fields set, everything else someone stored kept."""
     node = dict(existing or {"apiVersion": API_VERSION, "kind": "Node", "metadata": {"name": name}, "spec": {}})
     metadata = dict(node.get("metadata") or {})
@@ -27,6 +28,8 @@ def node_resource(name: str, ipv4: ipaddress.IPv4Interface | None, ipv6: ipaddre
             bgp.pop(key, None)
         else:
             bgp[key] = value if isinstance(value, int) else str(value)
+    if rr_cluster_id:  # set by us only when configured; otherwise whatever an operator stored stays
+        bgp["routeReflectorClusterID"] = rr_cluster_id
     spec["bgp"] = bgp
     return {**node, "metadata": metadata, "spec": spec}
 

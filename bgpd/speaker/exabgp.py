@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bgpd.speaker.peers import PeerSpec, render_exabgp
+from bgpd.speaker.peers import BGPPath, PeerSpec, best_path, looped, reflections, render_exabgp
 from bgpd.unixsock import bind_abstract
 
 log = logging.getLogger("calico-py-node.bgp")
@@ -44,7 +44,9 @@ class ExaBGP:
         self.on_routes = on_routes
         self.exabgp = exabgp or str(Path(sys.executable).parent / "exabgp")
         self.peers: dict[str, PeerStatus] = {}
-        self.rib: dict[str, dict[str, str]] = {}  # peer address -> prefix -> next hop
+        self.rib: dict[str, dict[str, BGPPath]] = {}  # peer address -> prefix -> path
+        self.cluster_id: str | None = None  # set when this node is a route reflector
+        self.reflected: dict[str, dict[str, BGPPath]] = {}  # what ExaBGP was told to reflect, per peer
         self.announced: set[str] = set()  # what ExaBGP was told, on the current API connection
         self.wanted: set[str] = set()
         self.restarts = 0
@@ -147,38 +149,59 @@ class ExaBGP:
     # ------------------------------------------------------------------ learned state out
 
     def learned(self) -> dict[str, str]:
-        """prefix -> next hop, from established peers (first peer's path wins; ECMP later)."""
-        routes: dict[str, str] = {}
-        for address in sorted(self.rib):
-            for prefix, next_hop in self.rib[address].items():
-                routes.setdefault(prefix, next_hop)
-        return routes
+        """prefix -> next hop of the best path among the peers' (ECMP later)."""
+        by_prefix: dict[str, dict[str, BGPPath]] = {}
+        for address, table in self.rib.items():
+            for prefix, path in table.items():
+                by_prefix.setdefault(prefix, {})[address] = path
+        return {prefix: best_path(paths)[1].next_hop for prefix, paths in by_prefix.items()}
+
+    async def reflect(self) -> None:
+        """As a route reflector, tell ExaBGP what to re-advertise to each peer (only the difference)."""
+        if self.cluster_id is None or self._writer is None:
+            return
+        wanted = reflections(self.rib, [s.spec for s in self.peers.values()], self.cluster_id, self.router_id)
+        for peer in sorted(set(wanted) | set(self.reflected)):
+            now, before = wanted.get(peer, {}), self.reflected.get(peer, {})
+            for prefix in sorted(set(before) - set(now)):
+                self._writer.write(f"neighbor {peer} withdraw route {prefix} next-hop {before[prefix].next_hop}\n"
+                                   .encode())
+            for prefix, path in sorted(now.items()):
+                if before.get(prefix) != path:
+                    self._writer.write((f"neighbor {peer} announce route {prefix} next-hop {path.next_hop} "
+                                        f"originator-id {path.originator_id} "
+                                        f"cluster-list [ {' '.join(path.cluster_list)} ]\n").encode())
+        self.reflected = wanted
+        await self._writer.drain()
 
     # ------------------------------------------------------------------ the API connection
 
     async def _api(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
         self.announced = set()  # a new ExaBGP knows nothing yet
+        self.reflected = {}
         await self.set_announcements(self.wanted)
         try:
             while line := await reader.readline():
-                self._handle(line)
+                if self._handle(line):
+                    await self.reflect()
         finally:
             if self._writer is writer:
                 self._writer = None
             writer.close()
 
-    def _handle(self, line: bytes) -> None:
+    def _handle(self, line: bytes) -> bool:
+        """Act on one line from ExaBGP; True when the RIB changed."""
         try:
             message = json.loads(line)
         except ValueError:
-            return  # not JSON (e.g. an ack): nothing to act on
+            return False  # not JSON (e.g. an ack): nothing to act on
         if not isinstance(message, dict):
-            return
+            return False
         neighbor = message.get("neighbor") or {}
         peer = ((neighbor.get("address") or {}).get("peer")) if isinstance(neighbor, dict) else None
         if not isinstance(peer, str) or peer not in self.peers:
-            return
+            return False
         if message.get("type") == "state":
             state = str(neighbor.get("state", ""))
             status = self.peers[peer]
@@ -188,20 +211,33 @@ class ExaBGP:
             log.info("bgp peer %s %s", peer, state)
             if state == "down" and self.rib.pop(peer, None):
                 self.on_routes()
+                return True
         elif message.get("type") == "update":
             update = ((neighbor.get("message") or {}).get("update") or {})
-            changed = self._apply_update(peer, update)
-            if changed:
+            if isinstance(update, dict) and self._apply_update(peer, update):
                 self.on_routes()
+                return True
+        return False
 
     def _apply_update(self, peer: str, update: dict[str, Any]) -> bool:
         table = self.rib.setdefault(peer, {})
         before = dict(table)
+        attributes = update.get("attribute") if isinstance(update.get("attribute"), dict) else {}
+        originator = attributes.get("originator-id")
+        clusters = attributes.get("cluster-list")
+        path_attrs = (originator if _address(originator) else None,
+                      tuple(c for c in clusters if _address(c)) if isinstance(clusters, list) else ())
         for next_hop, entries in ((update.get("announce") or {}).get("ipv4 unicast") or {}).items():
             for entry in entries if isinstance(entries, list) else []:
                 prefix = _prefix(entry)
-                if prefix and _address(next_hop):
-                    table[prefix] = next_hop
+                if not prefix or not _address(next_hop):
+                    continue
+                path = BGPPath(next_hop, *path_attrs)
+                if looped(path, self.router_id, self.cluster_id):
+                    log.info("bgp route %s from %s dropped: it looped (RFC 4456)", prefix, peer)
+                    table.pop(prefix, None)
+                    continue
+                table[prefix] = path
         for entry in (update.get("withdraw") or {}).get("ipv4 unicast") or []:
             prefix = _prefix(entry)
             if prefix:

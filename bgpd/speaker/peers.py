@@ -3,6 +3,7 @@ and ExaBGP's configuration text for it."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class PeerSpec:
     local_address: str
     kind: str  # MESH, GLOBAL, NODE_SPECIFIC
     name: str  # the peer node's name, or the BGPPeer's
+    rr_client: bool = False  # we are a route reflector and this peer is one of our clients
 
 
 def node_as(node: NodeInfo, global_as: int) -> int:
@@ -89,6 +91,23 @@ def desired_peers(me: NodeInfo, nodes: Iterable[NodeInfo], bgp_config: Mapping[s
                 if selector.matches(node.labels):
                     peers.setdefault(str(node.ipv4.ip), PeerSpec(  # type: ignore[union-attr]
                         str(node.ipv4.ip), node_as(node, global_as), local_as, local, kind, node.name))  # type: ignore[union-attr]
+    for resource in bgp_peers:
+        # The other side of a peerSelector peering: a selected node peers back with every node the BGPPeer
+        # applies to (this is how reflectors learn their clients).
+        peer_spec = resource.get("spec") or {}
+        if not peer_spec.get("peerSelector") or not parse_selector(peer_spec["peerSelector"]).matches(me.labels):
+            continue
+        applies = parse_selector(peer_spec.get("nodeSelector") or "all()")
+        for node in others:
+            if (peer_spec.get("node") in (None, node.name)) and applies.matches(node.labels):
+                peers.setdefault(str(node.ipv4.ip), PeerSpec(  # type: ignore[union-attr]
+                    str(node.ipv4.ip), node_as(node, global_as), local_as, local, GLOBAL, node.name))  # type: ignore[union-attr]
+    if me.rr_cluster_id:
+        by_address = {str(n.ipv4.ip): n for n in others}  # type: ignore[union-attr]
+        for address, peer in list(peers.items()):
+            other = by_address.get(address)
+            reflector = other is not None and other.rr_cluster_id is not None  # reflectors peer as non-clients
+            peers[address] = dataclasses.replace(peer, rr_client=not reflector)
     return sorted(peers.values())
 
 
@@ -123,3 +142,44 @@ def render_exabgp(router_id: str, peers: Iterable[PeerSpec], relay: list[str]) -
             "",
         ]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class BGPPath:
+    """A route as learned from one peer: what reflection and loop detection need."""
+
+    next_hop: str
+    originator_id: str | None = None
+    cluster_list: tuple[str, ...] = ()
+
+
+def looped(path: BGPPath, router_id: str, cluster_id: str | None) -> bool:
+    """RFC 4456: our own route coming back, or one that already passed through our cluster."""
+    return path.originator_id == router_id or (cluster_id is not None and cluster_id in path.cluster_list)
+
+
+def best_path(paths: dict[str, BGPPath]) -> tuple[str, BGPPath]:
+    """Among peers offering a prefix: the shortest cluster list, then the lowest peer address (deterministic)."""
+    return min(paths.items(), key=lambda item: (len(item[1].cluster_list), ipaddress.ip_address(item[0])))
+
+
+def reflections(rib: Mapping[str, Mapping[str, BGPPath]], peers: Iterable[PeerSpec], cluster_id: str,
+                router_id: str) -> dict[str, dict[str, BGPPath]]:
+    """What a route reflector re-advertises to each iBGP peer (RFC 4456): a route from a client goes to every
+    other peer, a route from a non-client to clients only; ORIGINATOR_ID is kept or set to the peer the route
+    came from, our cluster id is prepended to CLUSTER_LIST. Returns peer address -> prefix -> path to send."""
+    ibgp = {p.address: p for p in peers if p.peer_as == p.local_as}
+    by_prefix: dict[str, dict[str, BGPPath]] = {}
+    for peer, table in rib.items():
+        if peer in ibgp:
+            for prefix, path in table.items():
+                by_prefix.setdefault(prefix, {})[peer] = path
+    out: dict[str, dict[str, BGPPath]] = {address: {} for address in ibgp}
+    for prefix, paths in by_prefix.items():
+        source, path = best_path(paths)
+        reflected = BGPPath(path.next_hop, path.originator_id or source, (cluster_id, *path.cluster_list))
+        for address, peer in ibgp.items():
+            if address == source or (not ibgp[source].rr_client and not peer.rr_client):
+                continue
+            out[address][prefix] = reflected
+    return out

@@ -54,8 +54,10 @@ class BGPSync:
             _, cidr = keys.parse_affinity_key(kv.key)
             if BlockAffinity.from_json(self.node, cidr, kv.json()).confirmed:
                 blocks.append(cidr)
+        self.speaker.cluster_id = me.rr_cluster_id
         self.speaker.set_peers(desired_peers(me, nodes, config, [kv.json() for kv in snapshot.prefixes[peers_prefix]]))
         await self.speaker.set_announcements(announcements(blocks, self.pools))
+        await self.speaker.reflect()
 
     async def run(self) -> None:
         while True:

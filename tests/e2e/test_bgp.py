@@ -91,3 +91,45 @@ def test_leafspine_nodes_peer_with_their_leaf_and_pods_reach_across_racks(lab: C
         if "proto bird" in line:  # what the leaf learned: pod blocks and the other rack's subnet only
             destination = line.split()[0]
             assert destination.startswith(("10.244.", "10.1.", "10.255.")), line
+
+
+def apply_resources(handle: LabHandle, etcd: str, path: Path) -> None:
+    applied = handle.exec("node1", "env", f"ETCD_ENDPOINTS=http://{etcd}:2379", CLI, "apply", "-f", str(path))
+    assert applied.returncode == 0, applied.stderr
+
+
+def sessions(handle: LabHandle, node: str) -> list[str]:
+    return [line.split()[0] for line in handle.exec(node, CLI, "node", "status").stdout.splitlines()
+            if line[:1].isdigit() and line.rstrip().endswith("Established")]
+
+
+@pytest.mark.parametrize("topology", ["rr.clab.yml", "rr-bird.clab.yml"])
+def test_clients_peer_only_with_the_reflectors_and_reach_every_pod(lab: Callable[..., LabHandle], pods: Pods,
+                                                                  tmp_path: Path, topology: str) -> None:
+    handle = lab(topology)
+    name = topology.removesuffix(".clab.yml")
+    etcd = str(handle.topology.mgmt_addresses()["etcd"].ip)
+    apply_resources(handle, etcd, Path(__file__).resolve().parents[2] / "containerlab" / "topologies" / name
+                    / "calico-bgp.yaml")
+    reflectors = {"10.0.1.1", "10.0.1.2"}
+    clients = ("node1", "node2", "node3", "node4")
+    for node in clients:
+        handle.wait_for(lambda node=node: set(sessions(handle, node)) == reflectors, timeout=60,
+                        what=f"{node} to have sessions to the two reflectors only")
+    bin_dir = tmp_path / "cni-bin"
+    bin_dir.mkdir()
+    shutil.copyfile(SHIM, bin_dir / "calico-py")
+    (bin_dir / "calico-py").chmod(0o755)
+    placed = {}
+    for node in clients:
+        ns = pods.new(f"{name}-{node}")
+        added = Runtime(handle, bin_dir, node).add(f"rr{node}", ns, pod=f"web-{node}")
+        assert added.rc == 0, added
+        placed[node] = (ns, added.json["ips"][0]["address"].split("/")[0])
+    for node in clients:
+        for other in clients:
+            if other != node:
+                assert pod_ping(placed[node][0], placed[other][1], timeout=60), f"{node} cannot reach {other}'s pod"
+    # Reflected routes keep the originating client as next hop: traffic goes client to client, not via a reflector.
+    route = handle.exec("node1", "ip", "route", "show", "proto", "80", "match", placed["node4"][1]).stdout
+    assert "via 10.0.1.14" in route, route

@@ -12,10 +12,14 @@ from bgpd.speaker.peers import (
     GLOBAL,
     MESH,
     NODE_SPECIFIC,
+    BGPPath,
     NodeInfo,
+    PeerSpec,
     accepted,
     announcements,
     desired_peers,
+    looped,
+    reflections,
     render_exabgp,
 )
 from ipam.model import IPPool
@@ -100,3 +104,41 @@ def test_exabgp_json_updates_and_untrusted_input(tmp_path: Path) -> None:
     state = {"type": "state", "neighbor": {"address": {"peer": "10.0.0.13"}, "state": "up"}}
     speaker._handle(json.dumps(state).encode())
     assert speaker.peers["10.0.0.13"].info == "Established"
+
+
+def test_reflectors_peer_back_with_their_clients_and_mark_them() -> None:
+    rr1 = NodeInfo("rr1", ipaddress.IPv4Interface("10.0.1.1/24"), None, {"route-reflector": "true"}, "224.0.0.1")
+    rr2 = NodeInfo("rr2", ipaddress.IPv4Interface("10.0.1.2/24"), None, {"route-reflector": "true"}, "224.0.0.1")
+    clients = [node(f"c{i}", f"10.0.1.1{i}/24") for i in range(1, 4)]
+    config = {"spec": {"nodeToNodeMeshEnabled": False}}
+    resources = [{"metadata": {"name": "to-rr"},
+                  "spec": {"nodeSelector": "all()", "peerSelector": "route-reflector == 'true'"}}]
+    everyone = [rr1, rr2, *clients]
+    from_rr = {p.address: p for p in desired_peers(rr1, everyone, config, resources)}
+    assert set(from_rr) == {"10.0.1.2", "10.0.1.11", "10.0.1.12", "10.0.1.13"}
+    assert not from_rr["10.0.1.2"].rr_client and all(from_rr[f"10.0.1.1{i}"].rr_client for i in range(1, 4))
+    from_client = desired_peers(clients[0], everyone, config, resources)
+    assert [p.address for p in from_client] == ["10.0.1.1", "10.0.1.2"]  # clients peer with reflectors only
+
+
+def test_reflection_follows_rfc4456() -> None:
+    peers = [PeerSpec("10.0.1.2", 64512, 64512, "10.0.1.1", GLOBAL, "rr2", rr_client=False),
+             PeerSpec("10.0.1.11", 64512, 64512, "10.0.1.1", GLOBAL, "c1", rr_client=True),
+             PeerSpec("10.0.1.12", 64512, 64512, "10.0.1.1", GLOBAL, "c2", rr_client=True),
+             PeerSpec("10.9.9.9", 65000, 64512, "10.0.1.1", GLOBAL, "tor")]  # eBGP: never reflected to
+    rib = {"10.0.1.11": {"10.244.1.0/26": BGPPath("10.0.1.11")},
+           "10.0.1.2": {"10.244.2.0/26": BGPPath("10.0.1.12", "10.0.1.12", ("224.0.0.1",))}}
+    out = reflections(rib, peers, "224.0.0.1", "10.0.1.1")
+    # From a client: to the other client and to the non-client reflector, ORIGINATOR_ID set, our cluster first.
+    assert out["10.0.1.12"]["10.244.1.0/26"] == BGPPath("10.0.1.11", "10.0.1.11", ("224.0.0.1",))
+    assert out["10.0.1.2"]["10.244.1.0/26"].originator_id == "10.0.1.11"
+    assert "10.244.1.0/26" not in out["10.0.1.11"]  # never back to where it came from
+    # From a non-client: to clients only, originator kept, cluster list grows.
+    assert out["10.0.1.11"]["10.244.2.0/26"].cluster_list == ("224.0.0.1", "224.0.0.1")
+    assert "10.244.2.0/26" not in out["10.0.1.2"] and "10.9.9.9" not in out
+
+
+def test_loops_are_dropped_on_receive() -> None:
+    assert looped(BGPPath("10.0.1.11", "10.0.1.1"), "10.0.1.1", None)  # our own route came back
+    assert looped(BGPPath("10.0.1.11", "10.0.1.11", ("224.0.0.1",)), "10.0.1.1", "224.0.0.1")
+    assert not looped(BGPPath("10.0.1.11", "10.0.1.11", ("224.0.0.2",)), "10.0.1.1", "224.0.0.1")

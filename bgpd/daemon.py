@@ -87,7 +87,8 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None) -> None:
         netlink = Netlink()
         bgp: BGPSync | None = None
         reconciler = RouteReconciler(store, netlink, config.nodename, config.reconcile_interval,
-                                     learned=lambda: bgp.learned() if bgp else {})
+                                     learned=lambda: bgp.learned() if bgp else {},
+                                     bgp_converged=lambda: bgp.speaker.converged if bgp else True)
         if config.networking_backend == "bird" and address is not None:
             speaker = ExaBGP(Path(os.environ.get("CALICO_STATE_DIR", f"/run/calico-py/{config.nodename}")),
                              str(address.ip), on_routes=reconciler.wake)

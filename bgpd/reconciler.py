@@ -35,8 +35,10 @@ class RouteReconciler:
     """Runs on start, whenever woken (a CNI ADD/DEL), and every ``interval`` seconds to repair drift."""
 
     def __init__(self, store: Datastore, netlink: Netlink, node: str, interval: float,
-                 learned: Callable[[], dict[str, str]] = dict) -> None:
+                 learned: Callable[[], dict[str, str]] = dict,
+                 bgp_converged: Callable[[], bool] = lambda: True) -> None:
         self.learned = learned  # BGP routes: prefix -> next hop, already filtered to the pools
+        self.bgp_converged = bgp_converged
         self.store = store
         self.netlink = netlink
         self.node = node
@@ -72,6 +74,11 @@ class RouteReconciler:
         names, have, connected = await self.netlink.run(
             lambda ipr: (routes.interfaces(ipr), routes.actual_routes(ipr), routes.connected(ipr)))
         want = await self.desired_state(set(names.values()), connected)
+        if not self.bgp_converged():
+            # Just restarted, BGP not relearned yet: keep the remote routes already in the kernel, so traffic to
+            # other nodes does not stop while the sessions come back (they are checked again once converged).
+            wanted = {spec.dst for spec in want}
+            want |= {spec for spec in have if spec.gateway and spec.dst not in wanted}
         diff = desired.diff_routes(want, have)
         self.stats.routes = len(want)
         errors = await self.netlink.run(lambda ipr: routes.apply(ipr, diff)) if not diff.empty else []

@@ -56,11 +56,18 @@ class ExaBGP:
         self._server: asyncio.AbstractServer | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
+        self.graceful_restart = 120  # seconds a peer's routes outlive its session (RFC 4724)
+        self.stale: dict[str, tuple[float, set[str]]] = {}  # peer -> (deadline, prefixes not refreshed yet)
+        self.gr_peers: dict[str, int] = {}  # peer -> restart time it advertised in its OPEN (RFC 4724)
+        self.eor: set[str] = set()  # peers that sent End-of-RIB since their session came up
+        self.started_at = time.monotonic()
+        self._peers_known = False
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        await self._stop_leftover()
         self._server = await asyncio.start_unix_server(self._api, sock=bind_abstract(API_SOCKET))
         self._supervisor = asyncio.create_task(self._supervise())
 
@@ -73,6 +80,26 @@ class ExaBGP:
         await self._terminate()
         if self._server:
             self._server.close()
+
+    async def _stop_leftover(self) -> None:
+        """An ExaBGP left running by a daemon that was killed holds port 179: stop it (by the PID we recorded,
+        after checking it is that ExaBGP). Its peers keep our routes meanwhile (graceful restart)."""
+        pid_file = self.state_dir / "exabgp.pid"
+        try:
+            pid = int(pid_file.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return
+        if b"exabgp" not in cmdline or str(self.state_dir).encode() not in cmdline:
+            return
+        log.info("stopping exabgp %s left by an earlier run", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 15)
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # polling for the old process to exit, with a deadline
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
 
     async def _terminate(self) -> None:
         process, self._process = self._process, None
@@ -93,14 +120,17 @@ class ExaBGP:
                 continue
             config = self.state_dir / "exabgp.conf"
             config.write_text(render_exabgp(self.router_id, [p.spec for p in self.peers.values()],
-                                            [sys.executable, "-I", "-S", str(Path(__file__).with_name("relay.py"))]))
+                                            [sys.executable, "-I", "-S", str(Path(__file__).with_name("relay.py"))],
+                                            self.graceful_restart))
             env = {**os.environ, "exabgp_daemon_user": "root", "exabgp_daemon_daemonize": "false",
                    "exabgp_api_ack": "false", "exabgp_api_cli": "false", "exabgp_log_destination": "stdout",
                    "exabgp_tcp_bind": self.router_id, "exabgp_tcp_port": "179"}
             started = time.monotonic()
             with open(self.state_dir / "exabgp.log", "ab") as out:
                 self._process = await asyncio.create_subprocess_exec(
-                    self.exabgp, "server", str(config), stdout=out, stderr=asyncio.subprocess.STDOUT, env=env)
+                    self.exabgp, "server", str(config), stdout=out, stderr=asyncio.subprocess.STDOUT, env=env,
+                    start_new_session=True)
+            (self.state_dir / "exabgp.pid").write_text(str(self._process.pid))
             self._config_changed.clear()
             waiter = asyncio.create_task(self._process.wait())
             changed = asyncio.create_task(self._config_changed.wait())
@@ -120,6 +150,7 @@ class ExaBGP:
     # ------------------------------------------------------------------ desired state in
 
     def set_peers(self, peers: list[PeerSpec]) -> None:
+        self._peers_known = True
         wanted = {p.address: p for p in peers}
         current = {a: s.spec for a, s in self.peers.items()}
         if wanted == current:
@@ -155,6 +186,36 @@ class ExaBGP:
             for prefix, path in table.items():
                 by_prefix.setdefault(prefix, {})[address] = path
         return {prefix: best_path(paths)[1].next_hop for prefix, paths in by_prefix.items()}
+
+    def set_graceful_restart(self, seconds: int) -> None:
+        if seconds != self.graceful_restart:
+            self.graceful_restart = seconds
+            self._config_changed.set()  # the capability is in ExaBGP's configuration
+
+    @property
+    def converged(self) -> bool:
+        """Every peer is up and sent End-of-RIB, or the restart window passed: until then a restarted daemon
+        keeps the remote routes it finds in the kernel instead of removing what it has not relearned yet."""
+        if time.monotonic() - self.started_at > self.graceful_restart:
+            return True
+        if not self._peers_known:
+            return False  # the datastore has not told us our peers yet
+        return all(status.state == "up" and address in self.eor for address, status in self.peers.items())
+
+    def expire_stale(self) -> None:
+        """Drop routes of peers that did not come back within the graceful-restart time."""
+        now = time.monotonic()
+        for peer, (deadline, prefixes) in list(self.stale.items()):
+            if now >= deadline:
+                self._drop(peer, prefixes, "graceful-restart time passed")
+
+    def _drop(self, peer: str, prefixes: set[str], why: str) -> None:
+        table = self.rib.get(peer, {})
+        gone = [p for p in prefixes if table.pop(p, None) is not None]
+        self.stale.pop(peer, None)
+        if gone:
+            log.info("bgp dropped %d stale routes of %s: %s", len(gone), peer, why)
+            self.on_routes()
 
     async def reflect(self) -> None:
         """As a route reflector, tell ExaBGP what to re-advertise to each peer (only the difference)."""
@@ -209,10 +270,38 @@ class ExaBGP:
             status.info = "Established" if state == "up" else f"Active ({neighbor.get('reason', state)})"
             status.since = time.time()
             log.info("bgp peer %s %s", peer, state)
-            if state == "down" and self.rib.pop(peer, None):
-                self.on_routes()
-                return True
+            if state == "connected":
+                self.eor.discard(peer)  # a new session: its End-of-RIB is still to come
+            if state == "down":
+                self.eor.discard(peer)
+                routes = set(self.rib.get(peer, {}))
+                restart_time = min(self.gr_peers.get(peer, 0), self.graceful_restart)
+                if peer in self.stale:
+                    pass  # a failed reconnect while restarting: the restart timer keeps running from the first down
+                elif restart_time and routes:
+                    # RFC 4724: keep forwarding on the peer's routes while it restarts, for the time it asked.
+                    self.stale[peer] = (time.monotonic() + restart_time, routes)
+                    log.info("bgp keeping %d routes of %s for %ss (graceful restart)", len(routes), peer,
+                             restart_time)
+                elif self.rib.pop(peer, None):
+                    self.on_routes()
+                    return True
+        elif message.get("type") == "open" and neighbor.get("direction") == "receive":
+            capabilities = (neighbor.get("open") or {}).get("capabilities") or {}
+            restart = [c.get("time") for c in capabilities.values() if isinstance(c, dict)
+                       and str(c.get("name", "")).replace("-", " ") == "graceful restart"]
+            if restart and isinstance(restart[0], int):
+                self.gr_peers[peer] = restart[0]
+            else:
+                self.gr_peers.pop(peer, None)
         elif message.get("type") == "update":
+            if (neighbor.get("message") or {}).get("eor"):
+                self.eor.add(peer)
+                stale = self.stale.get(peer)
+                if stale:
+                    self._drop(peer, stale[1], "not re-announced before End-of-RIB")
+                    return True
+                return False
             update = ((neighbor.get("message") or {}).get("update") or {})
             if isinstance(update, dict) and self._apply_update(peer, update):
                 self.on_routes()
@@ -238,7 +327,10 @@ class ExaBGP:
                     table.pop(prefix, None)
                     continue
                 table[prefix] = path
-        for entry in (update.get("withdraw") or {}).get("ipv4 unicast") or []:
+                if peer in self.stale:
+                    self.stale[peer][1].discard(prefix)
+        for entry in ((update.get("withdraw") or {}).get("ipv4 unicast") or []) if isinstance(
+                update.get("withdraw"), dict) else []:
             prefix = _prefix(entry)
             if prefix:
                 table.pop(prefix, None)

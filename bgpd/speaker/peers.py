@@ -124,7 +124,7 @@ def accepted(prefix: IPNetwork, pools: Iterable[IPPool]) -> bool:
                for p in pools) or any(prefix == p.cidr and p.block_size == p.cidr.prefixlen for p in pools)
 
 
-def render_exabgp(router_id: str, peers: Iterable[PeerSpec], relay: list[str]) -> str:
+def render_exabgp(router_id: str, peers: Iterable[PeerSpec], relay: list[str], graceful_restart: int = 120) -> str:
     """ExaBGP 5 configuration: one neighbor per peer, all feeding our API process."""
     lines = ["process calico {", f"    run {' '.join(relay)};", "    encoder json;", "}", ""]
     for peer in peers:
@@ -135,9 +135,9 @@ def render_exabgp(router_id: str, peers: Iterable[PeerSpec], relay: list[str]) -
             f"    local-as {peer.local_as};",
             f"    peer-as {peer.peer_as};",
             "    hold-time 30;",
-            "    capability { graceful-restart 120; }",
+            *([f"    capability {{ graceful-restart {graceful_restart}; }}"] if graceful_restart else []),
             "    family { ipv4 unicast; }",
-            "    api { processes [ calico ]; receive { parsed; update; } neighbor-changes; }",
+            "    api { processes [ calico ]; receive { parsed; update; open; } neighbor-changes; }",
             "}",
             "",
         ]

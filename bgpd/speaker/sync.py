@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 import time
 from typing import Any
 
@@ -16,6 +17,17 @@ from ipam.datastore import Datastore
 from ipam.model import BlockAffinity, IPPool
 
 log = logging.getLogger("calico-py-node.bgp")
+
+
+def restart_seconds(duration: str | None, default: int = 120) -> int:
+    """A Go-style duration ("120s", "2m", "1m30s") in whole seconds; "0s" means graceful restart off."""
+    if not duration:
+        return default
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", duration)
+    if not parts:
+        return default
+    total = sum(float(number) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit] for number, unit in parts)
+    return round(total)  # 0 turns graceful restart off
 
 
 class BGPSync:
@@ -55,6 +67,8 @@ class BGPSync:
             if BlockAffinity.from_json(self.node, cidr, kv.json()).confirmed:
                 blocks.append(cidr)
         self.speaker.cluster_id = me.rr_cluster_id
+        self.speaker.set_graceful_restart(restart_seconds((config or {}).get("spec", {}).get("nodeMeshMaxRestartTime")))
+        self.speaker.expire_stale()
         self.speaker.set_peers(desired_peers(me, nodes, config, [kv.json() for kv in snapshot.prefixes[peers_prefix]]))
         await self.speaker.set_announcements(announcements(blocks, self.pools))
         await self.speaker.reflect()

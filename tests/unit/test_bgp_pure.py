@@ -142,3 +142,28 @@ def test_loops_are_dropped_on_receive() -> None:
     assert looped(BGPPath("10.0.1.11", "10.0.1.1"), "10.0.1.1", None)  # our own route came back
     assert looped(BGPPath("10.0.1.11", "10.0.1.11", ("224.0.0.1",)), "10.0.1.1", "224.0.0.1")
     assert not looped(BGPPath("10.0.1.11", "10.0.1.11", ("224.0.0.2",)), "10.0.1.1", "224.0.0.1")
+
+
+def test_graceful_restart_keeps_a_peers_routes_then_drops_them(tmp_path: Path) -> None:
+    speaker = ExaBGP(tmp_path, "10.0.0.11", on_routes=lambda: None)
+    speaker.set_peers(desired_peers(NODES[0], NODES, None, []))
+    peer = {"address": {"local": "10.0.0.11", "peer": "10.0.0.12"}}
+
+    def send(kind: str, **fields: object) -> None:
+        speaker._handle(json.dumps({"type": kind, "neighbor": {**peer, **fields}}).encode())
+    send("open", direction="receive", open={"capabilities": {"64": {"name": "graceful restart", "time": 30}}})
+    send("state", state="up")
+    send("update", message={"update": {"announce": {"ipv4 unicast": {"10.0.0.12": [{"nlri": "10.244.2.0/26"}]}}}})
+    send("update", message={"eor": {"afi": "ipv4", "safi": "unicast"}})
+    assert speaker.gr_peers == {"10.0.0.12": 30} and "10.0.0.12" in speaker.eor
+    send("state", state="down", reason="peer reset")
+    assert speaker.learned() == {"10.244.2.0/26": "10.0.0.12"}  # kept while the peer restarts
+    assert speaker.stale["10.0.0.12"][1] == {"10.244.2.0/26"}
+    send("state", state="connected")
+    send("state", state="up")
+    send("update", message={"eor": {"afi": "ipv4", "safi": "unicast"}})  # back, without that route
+    assert speaker.learned() == {} and not speaker.stale
+    speaker.gr_peers.clear()  # a peer without the capability: its routes go at once
+    send("update", message={"update": {"announce": {"ipv4 unicast": {"10.0.0.12": [{"nlri": "10.244.2.0/26"}]}}}})
+    send("state", state="down")
+    assert speaker.learned() == {}

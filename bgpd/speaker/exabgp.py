@@ -14,6 +14,7 @@ import ipaddress
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +51,7 @@ class ExaBGP:
         self.announced: set[str] = set()  # what ExaBGP was told, on the current API connection
         self.wanted: set[str] = set()
         self.restarts = 0
+        self.reloads = 0
         self._writer: asyncio.StreamWriter | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._config_changed = asyncio.Event()
@@ -111,17 +113,25 @@ class ExaBGP:
                 process.kill()
                 await process.wait()
 
+    def _write_config(self) -> Path:
+        config = self.state_dir / "exabgp.conf"
+        tmp = config.with_suffix(".tmp")
+        tmp.write_text(render_exabgp(self.router_id, [p.spec for p in self.peers.values()],
+                                     [sys.executable, "-I", "-S", str(Path(__file__).with_name("relay.py"))],
+                                     self.graceful_restart))
+        tmp.replace(config)
+        return config
+
     async def _supervise(self) -> None:
+        """Run ExaBGP; on a configuration change ask it to reload (SIGUSR1: sessions whose neighbor did not
+        change stay up); restart it with backoff when it dies."""
         backoff = 0.5
         while not self._stopping:
             if not self.peers:
                 self._config_changed.clear()
                 await self._config_changed.wait()
                 continue
-            config = self.state_dir / "exabgp.conf"
-            config.write_text(render_exabgp(self.router_id, [p.spec for p in self.peers.values()],
-                                            [sys.executable, "-I", "-S", str(Path(__file__).with_name("relay.py"))],
-                                            self.graceful_restart))
+            config = self._write_config()
             env = {**os.environ, "exabgp_daemon_user": "root", "exabgp_daemon_daemonize": "false",
                    "exabgp_api_ack": "false", "exabgp_api_cli": "false", "exabgp_log_destination": "stdout",
                    "exabgp_tcp_bind": self.router_id, "exabgp_tcp_port": "179"}
@@ -131,16 +141,19 @@ class ExaBGP:
                     self.exabgp, "server", str(config), stdout=out, stderr=asyncio.subprocess.STDOUT, env=env,
                     start_new_session=True)
             (self.state_dir / "exabgp.pid").write_text(str(self._process.pid))
-            self._config_changed.clear()
             waiter = asyncio.create_task(self._process.wait())
-            changed = asyncio.create_task(self._config_changed.wait())
-            done, _ = await asyncio.wait({waiter, changed}, return_when=asyncio.FIRST_COMPLETED)
-            changed.cancel()
-            if changed in done:
-                log.info("bgp peers changed: restarting exabgp")
-                await self._terminate()
-                waiter.cancel()
-                continue
+            while True:
+                self._config_changed.clear()
+                changed = asyncio.create_task(self._config_changed.wait())
+                done, _ = await asyncio.wait({waiter, changed}, return_when=asyncio.FIRST_COMPLETED)
+                if waiter in done:
+                    changed.cancel()
+                    break
+                self._write_config()
+                self.reloads += 1
+                log.info("bgp peers changed: exabgp reloads its configuration")
+                with contextlib.suppress(ProcessLookupError):
+                    self._process.send_signal(signal.SIGUSR1)
             self.restarts += 1
             code = self._process.returncode if self._process else None
             log.warning("exabgp exited (code %s); restarting in %.1fs", code, backoff)

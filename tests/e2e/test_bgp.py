@@ -133,3 +133,27 @@ def test_clients_peer_only_with_the_reflectors_and_reach_every_pod(lab: Callable
     # Reflected routes keep the originating client as next hop: traffic goes client to client, not via a reflector.
     route = handle.exec("node1", "ip", "route", "show", "proto", "80", "match", placed["node4"][1]).stdout
     assert "via 10.0.1.14" in route, route
+
+
+def peer_rows(handle: LabHandle, node: str) -> dict[str, list[str]]:
+    return {line.split()[0]: line.split() for line in handle.exec(node, CLI, "node", "status").stdout.splitlines()
+            if line[:1].isdigit()}
+
+
+def test_a_new_peer_does_not_drop_the_sessions_that_did_not_change(mesh3: LabHandle, tmp_path: Path) -> None:
+    before = peer_rows(mesh3, "node1")
+    assert set(before) == {"10.0.0.12", "10.0.0.13"}
+    log_file = mesh3.lab.run_dir / "node1" / "calico-py-node.log"
+    offset = len(log_file.read_text())
+    extra = tmp_path / "peer.yaml"
+    extra.write_text("apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {name: somewhere}\n"
+                     "spec: {node: node1, peerIP: 10.0.0.99, asNumber: 65099}\n")
+    apply_resources(mesh3, "172.20.20.2", extra)
+    mesh3.wait_for(lambda: "10.0.0.99" in peer_rows(mesh3, "node1"), timeout=30, what="node1 to list the new peer")
+    after = peer_rows(mesh3, "node1")
+    assert after["10.0.0.99"][1:3] == ["node", "specific"]
+    for address in ("10.0.0.12", "10.0.0.13"):
+        assert after[address] == before[address], f"the session to {address} was reset: {after[address]}"
+    log = log_file.read_text()[offset:]  # only what happened after the change
+    assert "exabgp reloads its configuration" in log
+    assert "bgp peer 10.0.0.12 down" not in log and "bgp peer 10.0.0.13 down" not in log

@@ -82,11 +82,14 @@ class RouteReconciler:
         diff = desired.diff_routes(want, have)
         self.stats.routes = len(want)
         errors = await self.netlink.run(lambda ipr: routes.apply(ipr, diff)) if not diff.empty else []
+        failed = {spec for spec, _ in errors}
         for spec in diff.add:
-            log.info("route added %s", spec)
+            if spec not in failed:
+                log.info("route added %s", spec)
         for spec in diff.remove:
-            log.info("route removed %s", spec)
-        for error in errors:
+            if spec not in failed:
+                log.info("route removed %s", spec)
+        for _, error in errors:
             log.warning("route change failed: %s", error)
         self.stats.runs += 1
         self.stats.errors += len(errors)

@@ -56,6 +56,7 @@ class CNIHandler:
         self.netlink = netlink
         self.default_mtu = default_mtu
         self.changed = changed  # wakes the reconciler (a new block may need its blackhole)
+        self._claimed = 0
 
     async def handle(self, plugin: str, env: dict[str, str], stdin: str) -> tuple[int, str]:
         version = spec.CURRENT_VERSION
@@ -168,7 +169,9 @@ class CNIHandler:
             if isinstance(exc, workloads.PlumbingError):
                 raise CNIError(spec.IO_FAILURE, str(exc)) from None
             raise
-        self.changed()  # a newly claimed block needs its blackhole
+        if self.ipam.stats["blocks_claimed"] != self._claimed:  # a new block needs its blackhole and announcement
+            self._claimed = self.ipam.stats["blocks_claimed"]
+            self.changed()
         log.info("cni ADD container=%s pod=%s/%s if=%s ips=%s", request.container_id, request.pod_namespace,
                  request.pod_name, workload.host_if, ",".join(str(a) for a in addresses))
         result = Result(
@@ -198,7 +201,7 @@ class CNIHandler:
         for wep in weps:
             await self._datastore(delete_wep(self.ipam.store, wep.namespace, wep.name))
         log.info("cni DEL container=%s pod=%s/%s", request.container_id, request.pod_namespace, request.pod_name)
-        self.changed()
+        # No reconcile needed: the pod's route went with its veth, and an emptied block stays with the node.
 
     async def _check(self, request: Request) -> None:
         held = await self._datastore(self.ipam.store.get(f"/calico/ipam/v2/handle/{request.handle_id}"))

@@ -29,8 +29,8 @@ SCRIPT = textwrap.dedent("""
         again = diff_routes(want, after)
         cleared = routes.apply(ipr, diff_routes(set(), after))
         left = routes.actual_routes(ipr)
-    print(json.dumps({"errors": errors + cleared, "installed": len(after), "converged": again.empty,
-                      "left": len(left), "equal": after == want}))
+    print(json.dumps({"errors": [message for _, message in errors + cleared], "installed": len(after),
+                      "converged": again.empty, "left": len(left), "equal": after == want}))
 """)
 
 

@@ -92,7 +92,8 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None) -> None:
         if config.networking_backend == "bird" and address is not None:
             speaker = ExaBGP(Path(os.environ.get("CALICO_STATE_DIR", f"/run/calico-py/{config.nodename}")),
                              str(address.ip), on_routes=reconciler.wake)
-            bgp = BGPSync(store, speaker, config.nodename)
+            bgp = BGPSync(store, speaker, config.nodename,
+                          secrets_dir=Path(os.environ.get("CALICO_SECRETS_DIR", "/etc/calico-py/secrets")))
             await speaker.start()
         await reconciler.reconcile_once()
         handler = CNIHandler(IPAM(store), config.nodename, netlink, config.mtu, changed=reconciler.wake)

@@ -41,7 +41,8 @@ IMAGES: tuple[ImageSpec, ...] = (
         repositories=("calico-py-node", "calico-py"),
         daemons=(Daemon(("calico-py-node",), "calico-py (this project, from the venv)"),),
         description="our node daemon; settings from the node's env: (NODENAME, IP, AS, ETCD_ENDPOINTS, ...)",
-        env=(("CALICO_STATE_DIR", "{state}"), ("CALICO_LOG_FILE", "{state}/calico-py-node.log")),
+        env=(("CALICO_STATE_DIR", "{state}"), ("CALICO_LOG_FILE", "{state}/calico-py-node.log"),
+             ("CALICO_SECRETS_DIR", "{state}/secrets")),
     ),
     ImageSpec(
         name="etcd",

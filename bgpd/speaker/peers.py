@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ipam.model import IPNetwork, IPPool
@@ -45,17 +45,28 @@ class PeerSpec:
     kind: str  # MESH, GLOBAL, NODE_SPECIFIC
     name: str  # the peer node's name, or the BGPPeer's
     rr_client: bool = False  # we are a route reflector and this peer is one of our clients
+    password: str | None = field(default=None, repr=False)  # TCP-MD5 (RFC 2385), from a secret
 
 
 def node_as(node: NodeInfo, global_as: int) -> int:
     return node.as_number or global_as
 
 
+MESH_PASSWORD = ""  # the key of the mesh password in ``passwords`` (BGPPeer names are never empty)
+
+
+def secret_ref(spec: Mapping[str, Any], field_name: str) -> tuple[str, str] | None:
+    ref = ((spec.get(field_name) or {}).get("secretKeyRef") or {}) if isinstance(spec.get(field_name), dict) else {}
+    return (str(ref["name"]), str(ref["key"])) if ref.get("name") and ref.get("key") else None
+
+
 def desired_peers(me: NodeInfo, nodes: Iterable[NodeInfo], bgp_config: Mapping[str, Any] | None,
-                  bgp_peers: Iterable[Mapping[str, Any]]) -> list[PeerSpec]:
+                  bgp_peers: Iterable[Mapping[str, Any]], passwords: Mapping[str, str] | None = None
+                  ) -> list[PeerSpec]:
     """Calico's peering: the full mesh among nodes while nodeToNodeMeshEnabled, plus BGPPeer resources that
     select this node (global, ``node:``, ``nodeSelector``), to a fixed ``peerIP`` or every node matching
-    ``peerSelector``."""
+    ``peerSelector``. ``passwords`` holds resolved TCP-MD5 secrets by BGPPeer name ("" for the mesh)."""
+    passwords = passwords or {}
     spec = (bgp_config or {}).get("spec") or {}
     global_as = int(spec.get("asNumber") or DEFAULT_AS)
     if me.ipv4 is None:
@@ -67,7 +78,7 @@ def desired_peers(me: NodeInfo, nodes: Iterable[NodeInfo], bgp_config: Mapping[s
     if spec.get("nodeToNodeMeshEnabled", True):
         for node in others:
             peers[str(node.ipv4.ip)] = PeerSpec(str(node.ipv4.ip), node_as(node, global_as), local_as,  # type: ignore[union-attr]
-                                                local, MESH, node.name)
+                                                local, MESH, node.name, password=passwords.get(MESH_PASSWORD))
     for resource in bgp_peers:
         peer_spec = resource.get("spec") or {}
         name = (resource.get("metadata") or {}).get("name", "")
@@ -84,13 +95,15 @@ def desired_peers(me: NodeInfo, nodes: Iterable[NodeInfo], bgp_config: Mapping[s
         if peer_spec.get("peerIP"):
             address = str(peer_spec["peerIP"]).rsplit(":", 1)[0] if peer_spec["peerIP"].count(":") == 1 \
                 else str(peer_spec["peerIP"])
-            peers.setdefault(address, PeerSpec(address, int(peer_spec["asNumber"]), local_as, local, kind, name))
+            peers.setdefault(address, PeerSpec(address, int(peer_spec["asNumber"]), local_as, local, kind, name,
+                                               password=passwords.get(name)))
         elif peer_spec.get("peerSelector"):
             selector = parse_selector(peer_spec["peerSelector"])
             for node in others:
                 if selector.matches(node.labels):
                     peers.setdefault(str(node.ipv4.ip), PeerSpec(  # type: ignore[union-attr]
-                        str(node.ipv4.ip), node_as(node, global_as), local_as, local, kind, node.name))  # type: ignore[union-attr]
+                        str(node.ipv4.ip), node_as(node, global_as), local_as, local, kind, node.name,  # type: ignore[union-attr]
+                        password=passwords.get(name)))
     for resource in bgp_peers:
         # The other side of a peerSelector peering: a selected node peers back with every node the BGPPeer
         # applies to (this is how reflectors learn their clients).
@@ -98,10 +111,12 @@ def desired_peers(me: NodeInfo, nodes: Iterable[NodeInfo], bgp_config: Mapping[s
         if not peer_spec.get("peerSelector") or not parse_selector(peer_spec["peerSelector"]).matches(me.labels):
             continue
         applies = parse_selector(peer_spec.get("nodeSelector") or "all()")
+        resource_name = (resource.get("metadata") or {}).get("name", "")
         for node in others:
             if (peer_spec.get("node") in (None, node.name)) and applies.matches(node.labels):
                 peers.setdefault(str(node.ipv4.ip), PeerSpec(  # type: ignore[union-attr]
-                    str(node.ipv4.ip), node_as(node, global_as), local_as, local, GLOBAL, node.name))  # type: ignore[union-attr]
+                    str(node.ipv4.ip), node_as(node, global_as), local_as, local, GLOBAL, node.name,  # type: ignore[union-attr]
+                    password=passwords.get(resource_name)))
     if me.rr_cluster_id:
         by_address = {str(n.ipv4.ip): n for n in others}  # type: ignore[union-attr]
         for address, peer in list(peers.items()):
@@ -135,6 +150,7 @@ def render_exabgp(router_id: str, peers: Iterable[PeerSpec], relay: list[str], g
             f"    local-as {peer.local_as};",
             f"    peer-as {peer.peer_as};",
             "    hold-time 30;",
+            *([f'    md5-password "{peer.password}";'] if peer.password else []),
             *([f"    capability {{ graceful-restart {graceful_restart}; }}"] if graceful_restart else []),
             "    family { ipv4 unicast; }",
             "    api { processes [ calico ]; receive { parsed; update; open; } neighbor-changes; }",

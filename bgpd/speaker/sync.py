@@ -8,10 +8,11 @@ import ipaddress
 import logging
 import re
 import time
+from pathlib import Path
 from typing import Any
 
-from bgpd.speaker.exabgp import ExaBGP
-from bgpd.speaker.peers import NodeInfo, accepted, announcements, desired_peers
+from bgpd.speaker.exabgp import ExaBGP, PeerStatus
+from bgpd.speaker.peers import MESH_PASSWORD, NodeInfo, accepted, announcements, desired_peers, secret_ref
 from ipam import keys
 from ipam.datastore import Datastore
 from ipam.model import BlockAffinity, IPPool
@@ -30,8 +31,23 @@ def restart_seconds(duration: str | None, default: int = 120) -> int:
     return round(total)  # 0 turns graceful restart off
 
 
+def read_secret(directory: Path, name: str, key: str) -> str | None:
+    """A secret as Kubernetes mounts it (``<dir>/<secret name>/<key>``), or None when absent or unusable."""
+    try:
+        value = (directory / name / key).read_text().strip()
+    except OSError:
+        return None
+    if not value or any(c in value for c in '"\n\r\\'):
+        log.warning("bgp password secret %s/%s is empty or holds quotes, backslashes or newlines: not used",
+                    name, key)
+        return None
+    return value
+
+
 class BGPSync:
-    def __init__(self, store: Datastore, speaker: ExaBGP, node: str, interval: float = 1.0) -> None:
+    def __init__(self, store: Datastore, speaker: ExaBGP, node: str, interval: float = 1.0,
+                 secrets_dir: Path = Path("/etc/calico-py/secrets")) -> None:
+        self.secrets_dir = secrets_dir
         self.store = store
         self.speaker = speaker
         self.node = node
@@ -69,7 +85,20 @@ class BGPSync:
         self.speaker.cluster_id = me.rr_cluster_id
         self.speaker.set_graceful_restart(restart_seconds((config or {}).get("spec", {}).get("nodeMeshMaxRestartTime")))
         self.speaker.expire_stale()
-        self.speaker.set_peers(desired_peers(me, nodes, config, [kv.json() for kv in snapshot.prefixes[peers_prefix]]))
+        bgp_peers = [kv.json() for kv in snapshot.prefixes[peers_prefix]]
+        passwords: dict[str, str] = {}
+        references = [((p.get("metadata") or {}).get("name", ""), secret_ref(p.get("spec") or {}, "password"))
+                      for p in bgp_peers]
+        references.append((MESH_PASSWORD, secret_ref((config or {}).get("spec") or {}, "nodeMeshPassword")))
+        for name, ref in references:
+            if ref is not None:
+                value = read_secret(self.secrets_dir, *ref)
+                if value is None:
+                    log.warning("bgp password secret %s/%s for %s not found in %s", *ref, name or "the mesh",
+                                self.secrets_dir)
+                    continue
+                passwords[name] = value
+        self.speaker.set_peers(desired_peers(me, nodes, config, bgp_peers, passwords))
         await self.speaker.set_announcements(announcements(blocks, self.pools))
         await self.speaker.reflect()
 
@@ -83,5 +112,12 @@ class BGPSync:
 
     def status(self) -> list[dict[str, Any]]:
         return [{"address": address, "family": "IPv4", "type": peer.spec.kind, "state": peer.state,
-                 "since": time.strftime("%H:%M:%S", time.localtime(peer.since)), "info": peer.info}
+                 "since": time.strftime("%H:%M:%S", time.localtime(peer.since)), "info": self._info(peer)}
                 for address, peer in sorted(self.speaker.peers.items())]
+
+    @staticmethod
+    def _info(peer: PeerStatus) -> str:
+        if peer.spec.password and peer.state != "up":
+            # With TCP-MD5 the kernel drops segments whose signature is wrong: a mismatch shows as silence.
+            return f"{peer.info}; TCP-MD5 on: no answer means the passwords differ (or the peer is down)"
+        return peer.info

@@ -157,3 +157,22 @@ def test_a_new_peer_does_not_drop_the_sessions_that_did_not_change(mesh3: LabHan
     log = log_file.read_text()[offset:]  # only what happened after the change
     assert "exabgp reloads its configuration" in log
     assert "bgp peer 10.0.0.12 down" not in log and "bgp peer 10.0.0.13 down" not in log
+
+
+def test_md5_wrong_password_never_establishes_and_status_says_why(mesh3: LabHandle, tmp_path: Path) -> None:
+    for node, password in (("node1", "s3cret"), ("node2", "s3cret"), ("node3", "wrong")):
+        secret = mesh3.lab.run_dir / node / "secrets" / "bgp-mesh" / "password"
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        secret.write_text(password + "\n")
+    config = tmp_path / "mesh-password.yaml"
+    config.write_text("apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata: {name: default}\n"
+                      "spec: {nodeMeshPassword: {secretKeyRef: {name: bgp-mesh, key: password}}}\n")
+    apply_resources(mesh3, "172.20.20.2", config)
+    # node1 and node2 agree on the password: their session comes back with TCP-MD5 on.
+    mesh3.wait_for(lambda: "md5-password" in (mesh3.lab.run_dir / "node1" / "exabgp.conf").read_text(), 30,
+                   "node1's ExaBGP configuration to carry the password")
+    mesh3.wait_for(lambda: "10.0.0.12" in sessions(mesh3, "node1"), 60, "node1-node2 to re-establish with MD5")
+    status = mesh3.exec("node1", CLI, "node", "status").stdout
+    row = next(line for line in status.splitlines() if line.startswith("10.0.0.13"))
+    assert "Established" not in row and "TCP-MD5 on" in row, row
+    assert "10.0.0.13" not in sessions(mesh3, "node1")

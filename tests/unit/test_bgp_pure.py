@@ -167,3 +167,19 @@ def test_graceful_restart_keeps_a_peers_routes_then_drops_them(tmp_path: Path) -
     send("update", message={"update": {"announce": {"ipv4 unicast": {"10.0.0.12": [{"nlri": "10.244.2.0/26"}]}}}})
     send("state", state="down")
     assert speaker.learned() == {}
+
+
+def test_md5_passwords_reach_the_right_peers_and_the_config(tmp_path: Path) -> None:
+    from bgpd.speaker.sync import read_secret
+    resources = [{"metadata": {"name": "tor"}, "spec": {"peerIP": "10.0.0.1", "asNumber": 65100,
+                                                         "password": {"secretKeyRef": {"name": "s", "key": "k"}}}}]
+    peers = {p.address: p for p in desired_peers(NODES[0], NODES, None, resources, {"tor": "pw", "": "mesh"})}
+    assert peers["10.0.0.1"].password == "pw" and peers["10.0.0.12"].password == "mesh"
+    assert "pw" not in repr(peers["10.0.0.1"])  # never in logs
+    text = render_exabgp("10.0.0.11", list(peers.values()), ["relay"])
+    assert 'md5-password "pw";' in text and text.count("md5-password") == 3
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "k").write_text("pw\n")
+    assert read_secret(tmp_path, "s", "k") == "pw"
+    (tmp_path / "s" / "bad").write_text('p"w')
+    assert read_secret(tmp_path, "s", "bad") is None and read_secret(tmp_path, "s", "missing") is None

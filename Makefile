@@ -48,8 +48,10 @@ lab: deps venv
 lab-destroy: venv
 	$(LAB) destroy -t $(LAB_TOPOLOGY)
 
+# Every benchmark, each printing our figure beside its anchor's from the same run; a failing one fails `make bench`.
+BENCHES := bench/ipam_rate.py bench/cni_add.py
 bench: deps venv
-	$(VENV)/bin/python bench/ipam_rate.py
+	@set -e; for b in $(BENCHES); do echo "== $$b"; $(VENV)/bin/python $$b; echo; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -96,7 +96,12 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None) -> None:
                           secrets_dir=Path(os.environ.get("CALICO_SECRETS_DIR", "/etc/calico-py/secrets")))
             await speaker.start()
         await reconciler.reconcile_once()
-        handler = CNIHandler(IPAM(store), config.nodename, netlink, config.mtu, changed=reconciler.wake)
+        def changed() -> None:
+            reconciler.wake()
+            if bgp:
+                bgp.wake()
+
+        handler = CNIHandler(IPAM(store), config.nodename, netlink, config.mtu, changed=changed)
         server = CNIServer(handler.handle)
         await server.start()
         started = time.monotonic()

@@ -83,12 +83,15 @@ class RouteReconciler:
         self.stats.routes = len(want)
         errors = await self.netlink.run(lambda ipr: routes.apply(ipr, diff)) if not diff.empty else []
         failed = {spec for spec, _ in errors}
-        for spec in diff.add:
-            if spec not in failed:
-                log.info("route added %s", spec)
-        for spec in diff.remove:
-            if spec not in failed:
-                log.info("route removed %s", spec)
+        if len(diff.add) + len(diff.remove) > 20:  # a burst (BGP bulk): one line, not one per route
+            log.info("routes changed: %d added, %d removed, %d failed", len(diff.add), len(diff.remove), len(errors))
+        else:
+            for spec in diff.add:
+                if spec not in failed:
+                    log.info("route added %s", spec)
+            for spec in diff.remove:
+                if spec not in failed:
+                    log.info("route removed %s", spec)
         for _, error in errors:
             log.warning("route change failed: %s", error)
         self.stats.runs += 1

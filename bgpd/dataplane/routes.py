@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import json
 import socket
 import subprocess
 
@@ -31,17 +32,23 @@ def connected(ipr: IPRoute) -> list[tuple[str, ipaddress.IPv4Interface]]:
             for a in ipr.get_addr(family=2)]
 
 
-def actual_routes(ipr: IPRoute) -> set[RouteSpec]:
-    names = interfaces(ipr)
+def actual_routes(ipr: IPRoute | None = None) -> set[RouteSpec]:
+    """Our routes (protocol 80) in the main table. Read with ``ip -json`` rather than a pyroute2 dump: with
+    10,000 learned routes the dump and its parsing take over a second, ip about 50 ms."""
     found = set()
-    for family in FAMILIES:
-        for route in ipr.get_routes(family=family, proto=ROUTE_PROTO, table=254):
-            dst = f"{route.get_attr('RTA_DST') or ('0.0.0.0' if family == 2 else '::')}/{route['dst_len']}"
-            if route["type"] == RTN_BLACKHOLE:
+    for family in ("-4", "-6"):
+        result = subprocess.run(["ip", "-json", family, "route", "show", "table", "main", "proto", str(ROUTE_PROTO)],
+                                capture_output=True, text=True, timeout=60, check=False)
+        for route in json.loads(result.stdout or "[]") if result.returncode == 0 else []:
+            dst = route.get("dst", "")
+            if dst == "default":
+                dst = "0.0.0.0/0" if family == "-4" else "::/0"
+            elif "/" not in dst:
+                dst += "/32" if family == "-4" else "/128"
+            if route.get("type") == "blackhole":
                 found.add(RouteSpec(dst=dst, kind="blackhole"))
             else:
-                found.add(RouteSpec(dst=dst, device=names.get(route.get_attr("RTA_OIF")),
-                                    gateway=route.get_attr("RTA_GATEWAY")))
+                found.add(RouteSpec(dst=dst, device=route.get("dev"), gateway=route.get("gateway")))
     return found
 
 

@@ -173,8 +173,12 @@ class ExaBGP:
             if self.rib.pop(address, None):
                 self.on_routes()
         for address, spec in wanted.items():
-            if address not in self.peers or self.peers[address].spec != spec:
+            if address not in self.peers:
                 self.peers[address] = PeerStatus(spec)
+            else:
+                # Keep the session's state: a change ExaBGP does not see (the peer's type) leaves the session up,
+                # and one it does see (AS, password) makes it report the reset itself.
+                self.peers[address].spec = spec
         self._config_changed.set()
 
     async def set_announcements(self, prefixes: set[str]) -> None:

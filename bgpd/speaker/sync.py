@@ -4,6 +4,7 @@ filter for what is accepted (the pools). Polls one consistent read every second;
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import re
@@ -48,6 +49,7 @@ class BGPSync:
     def __init__(self, store: Datastore, speaker: ExaBGP, node: str, interval: float = 1.0,
                  secrets_dir: Path = Path("/etc/calico-py/secrets")) -> None:
         self.secrets_dir = secrets_dir
+        self._wake = asyncio.Event()
         self.store = store
         self.speaker = speaker
         self.node = node
@@ -76,7 +78,10 @@ class BGPSync:
         if me is None:
             return
         config: dict[str, Any] | None = snapshot.keys[config_key].json() if snapshot.keys[config_key] else None
-        self.pools = [IPPool.from_v3(kv.json()) for kv in snapshot.prefixes[pools_prefix]]
+        pools = [IPPool.from_v3(kv.json()) for kv in snapshot.prefixes[pools_prefix]]
+        if pools != self.pools:
+            self.pools = pools
+            self.speaker.on_routes()  # routes filtered out by the old pools may be accepted now
         blocks = []
         for kv in snapshot.prefixes[affinity_prefix]:
             _, cidr = keys.parse_affinity_key(kv.key)
@@ -102,13 +107,19 @@ class BGPSync:
         await self.speaker.set_announcements(announcements(blocks, self.pools))
         await self.speaker.reflect()
 
+    def wake(self) -> None:
+        """Sync now (a new block to announce) instead of at the next poll."""
+        self._wake.set()
+
     async def run(self) -> None:
         while True:
             try:
                 await self.sync_once()
             except Exception:
                 log.exception("bgp sync failed")
-            await asyncio.sleep(self.interval)  # the poll period, not synchronisation
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
+            self._wake.clear()
 
     def status(self) -> list[dict[str, Any]]:
         return [{"address": address, "family": "IPv4", "type": peer.spec.kind, "state": peer.state,

@@ -23,6 +23,23 @@ def established(handle: LabHandle, node: str) -> int:
     return sum(1 for line in out.splitlines() if "node-to-node mesh" in line and line.rstrip().endswith("Established"))
 
 
+def place_pods(handle: LabHandle, pods: Pods, tmp_path: Path, nodes: tuple[str, ...], tag: str
+               ) -> dict[str, tuple[str, str]]:
+    """One pod per node through the CNI shim installed as a runtime has it; node -> (pod netns, address)."""
+    bin_dir = tmp_path / "cni-bin"
+    if not bin_dir.exists():
+        bin_dir.mkdir()
+        shutil.copyfile(SHIM, bin_dir / "calico-py")
+        (bin_dir / "calico-py").chmod(0o755)
+    placed = {}
+    for node in nodes:
+        ns = pods.new(f"{tag}-{node}")
+        added = Runtime(handle, bin_dir, node).add(f"{tag}{node}", ns, pod=f"{tag}-{node}")
+        assert added.rc == 0, added
+        placed[node] = (ns, added.json["ips"][0]["address"].split("/")[0])
+    return placed
+
+
 @pytest.fixture
 def mesh3(lab: Callable[..., LabHandle]) -> LabHandle:
     handle = lab("mesh3.clab.yml")
@@ -40,17 +57,9 @@ def pods() -> Iterator[Pods]:
 
 
 def test_mesh3_pods_on_every_node_reach_each_other_over_bgp(mesh3: LabHandle, pods: Pods, tmp_path: Path) -> None:
-    bin_dir = tmp_path / "cni-bin"
-    bin_dir.mkdir()
-    shutil.copyfile(SHIM, bin_dir / "calico-py")
-    (bin_dir / "calico-py").chmod(0o755)
-    addresses: dict[str, str] = {}
-    namespaces: dict[str, str] = {}
-    for node in NODES:
-        namespaces[node] = pods.new(f"bgp-{node}")
-        added = Runtime(mesh3, bin_dir, node).add(f"bgp{node}", namespaces[node], pod=f"web-{node}")
-        assert added.rc == 0, added
-        addresses[node] = added.json["ips"][0]["address"].split("/")[0]
+    placed = place_pods(mesh3, pods, tmp_path, NODES, "bgp")
+    namespaces = {node: ns for node, (ns, _) in placed.items()}
+    addresses = {node: address for node, (_, address) in placed.items()}
     for node in NODES:
         for other in NODES:
             if other != node:
@@ -60,7 +69,8 @@ def test_mesh3_pods_on_every_node_reach_each_other_over_bgp(mesh3: LabHandle, po
                     what=f"{node} to learn the block of {other}")
                 assert pod_ping(namespaces[node], addresses[other]), f"pod on {node} cannot reach pod on {other}"
     for node in NODES:
-        assert Runtime(mesh3, bin_dir, node).delete(f"bgp{node}", namespaces[node], pod=f"web-{node}").rc == 0
+        deleted = Runtime(mesh3, tmp_path / "cni-bin", node).delete(f"bgp{node}", namespaces[node], pod=f"bgp-{node}")
+        assert deleted.rc == 0, deleted
 
 
 def test_leafspine_nodes_peer_with_their_leaf_and_pods_reach_across_racks(lab: Callable[..., LabHandle],
@@ -73,16 +83,7 @@ def test_leafspine_nodes_peer_with_their_leaf_and_pods_reach_across_racks(lab: C
         handle.wait_for(lambda node=node: " global " in handle.exec(node, CLI, "node", "status").stdout
                         and handle.exec(node, CLI, "node", "status").stdout.count("Established") == 1,
                         timeout=60, what=f"{node} to have one Established session, to its leaf")
-    bin_dir = tmp_path / "cni-bin"
-    bin_dir.mkdir()
-    shutil.copyfile(SHIM, bin_dir / "calico-py")
-    (bin_dir / "calico-py").chmod(0o755)
-    placed = {}
-    for node in ("node1", "node3"):  # one per rack
-        ns = pods.new(f"ls-{node}")
-        added = Runtime(handle, bin_dir, node).add(f"ls{node}", ns, pod=f"web-{node}")
-        assert added.rc == 0, added
-        placed[node] = (ns, added.json["ips"][0]["address"].split("/")[0])
+    placed = place_pods(handle, pods, tmp_path, ("node1", "node3"), "ls")  # one per rack
     assert pod_ping(placed["node1"][0], placed["node3"][1], timeout=60), "rack 1 pod cannot reach rack 2 pod"
     assert pod_ping(placed["node3"][0], placed["node1"][1], timeout=60)
     leaf_routes = handle.exec("leaf1", "ip", "route").stdout
@@ -116,16 +117,7 @@ def test_clients_peer_only_with_the_reflectors_and_reach_every_pod(lab: Callable
     for node in clients:
         handle.wait_for(lambda node=node: set(sessions(handle, node)) == reflectors, timeout=60,
                         what=f"{node} to have sessions to the two reflectors only")
-    bin_dir = tmp_path / "cni-bin"
-    bin_dir.mkdir()
-    shutil.copyfile(SHIM, bin_dir / "calico-py")
-    (bin_dir / "calico-py").chmod(0o755)
-    placed = {}
-    for node in clients:
-        ns = pods.new(f"{name}-{node}")
-        added = Runtime(handle, bin_dir, node).add(f"rr{node}", ns, pod=f"web-{node}")
-        assert added.rc == 0, added
-        placed[node] = (ns, added.json["ips"][0]["address"].split("/")[0])
+    placed = place_pods(handle, pods, tmp_path, clients, name)
     for node in clients:
         for other in clients:
             if other != node:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -15,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from containerlab import netns
-from tests.e2e.test_bgp import apply_resources, sessions
-from tests.e2e.test_cni import SHIM, Pods, Runtime, pod_ping
+from tests.e2e.test_bgp import apply_resources, place_pods, sessions
+from tests.e2e.test_cni import Pods, pod_ping
 from tests.labfixture import LabHandle
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="lab tests need root (network namespaces)")
@@ -44,20 +43,6 @@ def mesh_with(lab: Callable[..., LabHandle], tmp_path: Path, restart_time: str) 
     return handle
 
 
-def pods_on(handle: LabHandle, pods: Pods, tmp_path: Path, nodes: tuple[str, ...]) -> dict[str, tuple[str, str]]:
-    bin_dir = tmp_path / "cni-bin"
-    bin_dir.mkdir(exist_ok=True)
-    shutil.copyfile(SHIM, bin_dir / "calico-py")
-    (bin_dir / "calico-py").chmod(0o755)
-    placed = {}
-    for node in nodes:
-        ns = pods.new(f"gr-{node}")
-        added = Runtime(handle, bin_dir, node).add(f"gr{node}", ns, pod=f"gr-{node}")
-        assert added.rc == 0, added
-        placed[node] = (ns, added.json["ips"][0]["address"].split("/")[0])
-    return placed
-
-
 def has_route(handle: LabHandle, node: str, address: str) -> bool:
     return "via" in handle.exec(node, "ip", "route", "show", "proto", "80", "match", address).stdout
 
@@ -65,7 +50,7 @@ def has_route(handle: LabHandle, node: str, address: str) -> bool:
 def test_daemon_restart_with_graceful_restart_loses_nothing(lab: Callable[..., LabHandle], pods: Pods,
                                                             tmp_path: Path) -> None:
     handle = mesh_with(lab, tmp_path, "30s")
-    placed = pods_on(handle, pods, tmp_path, ("node1", "node3"))
+    placed = place_pods(handle, pods, tmp_path, ("node1", "node3"), "gr")
     assert pod_ping(placed["node1"][0], placed["node3"][1], timeout=30)
     pinger = subprocess.Popen(["ip", "netns", "exec", placed["node1"][0], "ping", "-i", "0.05", placed["node3"][1]],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -87,7 +72,7 @@ def test_daemon_restart_with_graceful_restart_loses_nothing(lab: Callable[..., L
 def test_a_dead_nodes_routes_go_after_the_restart_time(lab: Callable[..., LabHandle], pods: Pods, tmp_path: Path,
                                                         restart_time: str, kept: bool) -> None:
     handle = mesh_with(lab, tmp_path, restart_time)
-    placed = pods_on(handle, pods, tmp_path, ("node3",))
+    placed = place_pods(handle, pods, tmp_path, ("node3",), "gr")
     address = placed["node3"][1]
     handle.wait_for(lambda: has_route(handle, "node1", address), 30, "node1 to learn node3's block")
     # node3 dies: every process in its namespace stops (daemon and ExaBGP), the namespace stays.

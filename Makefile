@@ -49,7 +49,7 @@ lab-destroy: venv
 	$(LAB) destroy -t $(LAB_TOPOLOGY)
 
 # Every benchmark, each printing our figure beside its anchor's from the same run; a failing one fails `make bench`.
-BENCHES := bench/ipam_rate.py bench/cni_add.py
+BENCHES := bench/ipam_rate.py bench/cni_add.py bench/convergence.py bench/routes.py
 bench: deps venv
 	@set -e; for b in $(BENCHES); do echo "== $$b"; $(VENV)/bin/python $$b; echo; done
 

@@ -64,6 +64,7 @@ class ExaBGP:
         self.eor: set[str] = set()  # peers that sent End-of-RIB since their session came up
         self.started_at = time.monotonic()
         self._peers_known = False
+        self._came_up: list[str] = []  # peers whose session just came up: they get our routes again
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -234,6 +235,18 @@ class ExaBGP:
             log.info("bgp dropped %d stale routes of %s: %s", len(gone), peer, why)
             self.on_routes()
 
+    async def _refresh(self, peers: list[str]) -> None:
+        """Send our announcements to peers whose session just came up. ExaBGP gives API-announced routes only to
+        the neighbors configured when they were announced: a neighbor added later by a reload would never get
+        them. Re-announcing to an up-to-date peer is harmless."""
+        if self._writer is None:
+            return
+        for peer in peers:
+            for prefix in sorted(self.wanted):
+                self._writer.write(f"neighbor {peer} announce route {prefix} next-hop self\n".encode())
+            self.reflected.pop(peer, None)  # and what we reflect to it, on the next reflect()
+        await self._writer.drain()
+
     async def reflect(self) -> None:
         """As a route reflector, tell ExaBGP what to re-advertise to each peer (only the difference)."""
         if self.cluster_id is None or self._writer is None:
@@ -261,7 +274,12 @@ class ExaBGP:
         await self.set_announcements(self.wanted)
         try:
             while line := await reader.readline():
-                if self._handle(line):
+                changed = self._handle(line)
+                if self._came_up:
+                    await self._refresh(self._came_up)
+                    self._came_up = []
+                    changed = True
+                if changed:
                     await self.reflect()
         finally:
             if self._writer is writer:
@@ -289,6 +307,8 @@ class ExaBGP:
             log.info("bgp peer %s %s", peer, state)
             if state == "connected":
                 self.eor.discard(peer)  # a new session: its End-of-RIB is still to come
+            if state == "up":
+                self._came_up.append(peer)
             if state == "down":
                 self.eor.discard(peer)
                 routes = set(self.rib.get(peer, {}))

@@ -168,3 +168,21 @@ def test_md5_wrong_password_never_establishes_and_status_says_why(mesh3: LabHand
     row = next(line for line in status.splitlines() if line.startswith("10.0.0.13"))
     assert "Established" not in row and "TCP-MD5 on" in row, row
     assert "10.0.0.13" not in sessions(mesh3, "node1")
+
+
+def test_peers_added_by_a_reload_get_our_routes(mesh3: LabHandle, pods: Pods, tmp_path: Path) -> None:
+    placed = place_pods(mesh3, pods, tmp_path, ("node1", "node3"), "rl")
+    assert pod_ping(placed["node1"][0], placed["node3"][1], timeout=30)
+    config = tmp_path / "mesh.yaml"
+    for enabled in ("false", "true"):  # mesh off: every peer goes; mesh on: they come back through a reload
+        config.write_text("apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata: {name: default}\n"
+                          f"spec: {{nodeToNodeMeshEnabled: {enabled}}}\n")
+        apply_resources(mesh3, "172.20.20.2", config)
+        want = 2 if enabled == "true" else 0
+        for node in NODES:
+            mesh3.wait_for(lambda node=node, want=want: len(peer_rows(mesh3, node)) == want, 30,
+                           f"{node} to have {want} peers")
+    for node in NODES:
+        mesh3.wait_for(lambda node=node: len(sessions(mesh3, node)) == 2, 60, f"{node}'s sessions to come back")
+    assert pod_ping(placed["node1"][0], placed["node3"][1], timeout=30), "routes were not re-announced"
+    assert pod_ping(placed["node3"][0], placed["node1"][1], timeout=30)

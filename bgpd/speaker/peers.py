@@ -126,11 +126,18 @@ def desired_peers(me: NodeInfo, nodes: Iterable[NodeInfo], bgp_config: Mapping[s
     return sorted(peers.values())
 
 
-def announcements(affine_blocks: Iterable[IPNetwork], pools: Iterable[IPPool]) -> set[str]:
-    """The node's confirmed blocks inside enabled pools that allow BGP export."""
-    exportable = [p for p in pools if not p.disabled and not p.disable_bgp_export]
-    return {str(b) for b in affine_blocks
-            if any(b.version == p.cidr.version and b.subnet_of(p.cidr) for p in exportable)}  # type: ignore[arg-type]
+def announcements(affine_blocks: Iterable[IPNetwork], pools: Iterable[IPPool],
+                  local_addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address] = ()) -> set[str]:
+    """The node's confirmed blocks inside pools that allow BGP export, and a /32 (/128) for each local workload
+    address outside them (borrowed from another node's block: longest prefix wins over that node's block)."""
+    exportable = [p for p in pools if not p.disable_bgp_export]
+    blocks = [b for b in affine_blocks
+              if any(b.version == p.cidr.version and b.subnet_of(p.cidr) for p in exportable)]  # type: ignore[arg-type]
+    routes = {str(b) for b in blocks}
+    for address in local_addresses:
+        if not any(address in b for b in blocks) and any(address in p.cidr for p in exportable):
+            routes.add(f"{address}/{address.max_prefixlen}")
+    return routes
 
 
 def accepted(prefix: IPNetwork, pools: Iterable[IPPool]) -> bool:

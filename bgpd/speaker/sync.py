@@ -71,8 +71,9 @@ class BGPSync:
         nodes_prefix, peers_prefix = keys.resource_prefix("nodes"), keys.resource_prefix("bgppeers")
         pools_prefix, affinity_prefix = keys.resource_prefix("ippools"), keys.affinities_prefix(self.node, 4)
         config_key = keys.resource_key("bgpconfigurations", "default")
-        snapshot = await self.store.read(keys=[config_key],
-                                         prefixes=[nodes_prefix, peers_prefix, pools_prefix, affinity_prefix])
+        weps_prefix = keys.resource_prefix("workloadendpoints")
+        snapshot = await self.store.read(keys=[config_key], prefixes=[nodes_prefix, peers_prefix, pools_prefix,
+                                                                      affinity_prefix, weps_prefix])
         nodes = [NodeInfo.from_v3(kv.json()) for kv in snapshot.prefixes[nodes_prefix]]
         me = next((n for n in nodes if n.name == self.node), None)
         if me is None:
@@ -104,7 +105,10 @@ class BGPSync:
                     continue
                 passwords[name] = value
         self.speaker.set_peers(desired_peers(me, nodes, config, bgp_peers, passwords))
-        await self.speaker.set_announcements(announcements(blocks, self.pools))
+        local = [ipaddress.ip_interface(n).ip for kv in snapshot.prefixes[weps_prefix]
+                 if (spec := (kv.json() or {}).get("spec") or {}).get("node") == self.node
+                 for n in spec.get("ipNetworks") or []]
+        await self.speaker.set_announcements(announcements(blocks, self.pools, local))
         await self.speaker.reflect()
 
     def wake(self) -> None:

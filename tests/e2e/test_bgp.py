@@ -7,10 +7,11 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.e2e.test_cni import SHIM, Pods, Runtime, pod_ping
+from tests.e2e.test_cni import CONF, SHIM, Pods, Runtime, pod_ping
 from tests.labfixture import LabHandle
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="lab tests need root (network namespaces)")
@@ -23,8 +24,8 @@ def established(handle: LabHandle, node: str) -> int:
     return sum(1 for line in out.splitlines() if "node-to-node mesh" in line and line.rstrip().endswith("Established"))
 
 
-def place_pods(handle: LabHandle, pods: Pods, tmp_path: Path, nodes: tuple[str, ...], tag: str
-               ) -> dict[str, tuple[str, str]]:
+def place_pods(handle: LabHandle, pods: Pods, tmp_path: Path, nodes: tuple[str, ...], tag: str,
+               config: dict[str, Any] | None = None) -> dict[str, tuple[str, str]]:
     """One pod per node through the CNI shim installed as a runtime has it; node -> (pod netns, address)."""
     bin_dir = tmp_path / "cni-bin"
     if not bin_dir.exists():
@@ -34,7 +35,7 @@ def place_pods(handle: LabHandle, pods: Pods, tmp_path: Path, nodes: tuple[str, 
     placed = {}
     for node in nodes:
         ns = pods.new(f"{tag}-{node}")
-        added = Runtime(handle, bin_dir, node).add(f"{tag}{node}", ns, pod=f"{tag}-{node}")
+        added = Runtime(handle, bin_dir, node).call("ADD", config or CONF, f"{tag}{node}", ns, pod=f"{tag}-{node}")
         assert added.rc == 0, added
         placed[node] = (ns, added.json["ips"][0]["address"].split("/")[0])
     return placed
@@ -186,3 +187,20 @@ def test_peers_added_by_a_reload_get_our_routes(mesh3: LabHandle, pods: Pods, tm
         mesh3.wait_for(lambda node=node: len(sessions(mesh3, node)) == 2, 60, f"{node}'s sessions to come back")
     assert pod_ping(placed["node1"][0], placed["node3"][1], timeout=30), "routes were not re-announced"
     assert pod_ping(placed["node3"][0], placed["node1"][1], timeout=30)
+
+
+def test_a_borrowed_address_is_announced_as_a_host_route(mesh3: LabHandle, pods: Pods, tmp_path: Path) -> None:
+    pool = tmp_path / "tiny.yaml"
+    pool.write_text("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: tiny}\n"
+                    "spec: {cidr: 10.99.0.0/26, blockSize: 26}\n")  # a single block: the second node must borrow
+    apply_resources(mesh3, "172.20.20.2", pool)
+    config = {**CONF, "ipam": {"type": "calico-py-ipam", "ipv4_pools": ["tiny"]}}
+    placed = place_pods(mesh3, pods, tmp_path, ("node1", "node2"), "borrow", config)
+    borrowed = placed["node2"][1]
+    # node1 owns the block (its blackhole stays) but the borrower's /32 is more specific, on every node.
+    for node in ("node1", "node3"):
+        mesh3.wait_for(lambda node=node: f"{borrowed} via 10.0.0.12" in mesh3.exec(
+            node, "ip", "route", "show", "proto", "80").stdout, 30, f"{node} to route {borrowed} to node2")
+    assert "blackhole 10.99.0.0/26" in mesh3.exec("node1", "ip", "route", "show", "proto", "80").stdout
+    assert pod_ping(placed["node1"][0], borrowed, timeout=30)
+    assert pod_ping(placed["node2"][0], placed["node1"][1], timeout=30)

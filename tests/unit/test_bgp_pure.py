@@ -183,3 +183,10 @@ def test_md5_passwords_reach_the_right_peers_and_the_config(tmp_path: Path) -> N
     assert read_secret(tmp_path, "s", "k") == "pw"
     (tmp_path / "s" / "bad").write_text('p"w')
     assert read_secret(tmp_path, "s", "bad") is None and read_secret(tmp_path, "s", "missing") is None
+
+
+def test_borrowed_addresses_are_announced_as_host_routes() -> None:
+    pools = [IPPool("p", ipaddress.ip_network("10.244.0.0/16"), 26)]
+    own = [ipaddress.ip_network("10.244.1.0/26")]
+    local = [ipaddress.ip_address(a) for a in ("10.244.1.5", "10.244.9.7", "192.0.2.1")]
+    assert announcements(own, pools, local) == {"10.244.1.0/26", "10.244.9.7/32"}

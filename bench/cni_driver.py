@@ -1,4 +1,5 @@
-"""The timing loop of bench/cni_add.py, run INSIDE the node's network namespace (standard library only).
+"""The timing loop of bench/cni_add.py, run INSIDE the node's network namespace (the standard library, and the
+shim's own request function for the "direct" phase).
 
 bench/cni_add.py starts it once with ``ip netns exec <node ns> python bench/cni_driver.py PLAN.json`` so that
 nothing of ``ip netns exec`` (it remounts /sys) is in the timed work. Every plugin invocation is a fresh
@@ -19,14 +20,16 @@ caller reports them and decides).
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bgpd.cni.shim import exchange
+
 TIMEOUT = 200.0  # seconds; beyond the shim's own 150 s socket timeout
-SOCKET = "\0calico-py-cni"
 MAX_FAILURES = 10  # stop starting new pods after this many failed ADDs (DEL still runs for what was tried)
 
 
@@ -45,19 +48,11 @@ def invoke(plugin: dict[str, Any], env: dict[str, str]) -> tuple[float, int, str
 
 def direct(plugin: dict[str, Any], env: dict[str, str]) -> tuple[float, int, str, str]:
     """The shim's request, written to the daemon's socket by this process: (seconds, exit code, stdout, error)."""
-    payload = json.dumps({"plugin": plugin["plugin"], "env": env, "stdin": plugin["stdin"]}).encode()
     start = time.perf_counter()
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(TIMEOUT)
-            conn.connect(SOCKET)
-            conn.sendall(payload)
-            conn.shutdown(socket.SHUT_WR)
-            chunks = []
-            while chunk := conn.recv(65536):
-                chunks.append(chunk)
+        raw = exchange(plugin["plugin"], env, plugin["stdin"])
         elapsed = time.perf_counter() - start
-        answer = json.loads(b"".join(chunks))
+        answer = json.loads(raw)
         return elapsed, int(answer["exit"]), str(answer["stdout"]), ""
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return time.perf_counter() - start, -1, "", f"{type(exc).__name__}: {exc}"

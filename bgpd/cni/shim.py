@@ -29,29 +29,35 @@ def _error(code: int, msg: str, details: str = "") -> int:
     return 1
 
 
+def exchange(plugin: str, env: dict, stdin: str) -> bytes:
+    """One request to the daemon of this network namespace; its raw answer (raises OSError)."""
+    payload = json.dumps({"plugin": plugin, "env": env, "stdin": stdin}).encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(TIMEOUT)
+        conn.connect(SOCKET)
+        conn.sendall(payload)
+        conn.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _request(plugin: str, stdin: bytes) -> int:
     env = {k: v for k, v in os.environ.items() if k.startswith("CNI_")}
-    payload = json.dumps({"plugin": plugin, "env": env, "stdin": stdin.decode("utf-8", "replace")}).encode()
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(TIMEOUT)
-            conn.connect(SOCKET)
-            conn.sendall(payload)
-            conn.shutdown(socket.SHUT_WR)
-            chunks = []
-            while chunk := conn.recv(65536):
-                chunks.append(chunk)
+        raw = exchange(plugin, env, stdin.decode("utf-8", "replace"))
     except (FileNotFoundError, ConnectionRefusedError):
         return _error(TRY_AGAIN_LATER, "calico-py node daemon is not running on this node; try again later",
                       "no listener on the abstract socket @calico-py-cni in this network namespace")
     except OSError as exc:
         return _error(TRY_AGAIN_LATER, "calico-py node daemon did not answer; try again later", str(exc))
     try:
-        answer = json.loads(b"".join(chunks))
+        answer = json.loads(raw)
         sys.stdout.write(answer["stdout"])
         return int(answer["exit"])
     except (ValueError, KeyError, TypeError):
-        return _error(IO_FAILURE, "calico-py node daemon gave a malformed answer", repr(b"".join(chunks)[:200]))
+        return _error(IO_FAILURE, "calico-py node daemon gave a malformed answer", repr(raw[:200]))
 
 
 def run(plugin: str) -> int:

@@ -1,4 +1,5 @@
-"""Kernel routes of our protocol number, read and changed through pyroute2. Other protocols are never touched."""
+"""Kernel routes of our protocol number: read with ``ip -json``, changed through pyroute2 (or one ``ip -batch`` for
+large changes). Routes of other protocols are never touched."""
 
 from __future__ import annotations
 
@@ -13,10 +14,6 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from bgpd.dataplane.workloads import ROUTE_PROTO, SCOPE_LINK
 from bgpd.desired import RouteDiff, RouteSpec
-
-RTN_UNICAST = 1
-RTN_BLACKHOLE = 6
-FAMILIES = (2, 10)  # AF_INET, AF_INET6
 
 
 def interfaces(ipr: IPRoute | None = None) -> dict[int, str]:

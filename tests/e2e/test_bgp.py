@@ -19,11 +19,6 @@ CLI = str(Path(sys.executable).parent / "calicoctl-py")
 NODES = ("node1", "node2", "node3")
 
 
-def established(handle: LabHandle, node: str) -> int:
-    out = handle.exec(node, CLI, "node", "status").stdout
-    return sum(1 for line in out.splitlines() if "node-to-node mesh" in line and line.rstrip().endswith("Established"))
-
-
 def place_pods(handle: LabHandle, pods: Pods, tmp_path: Path, nodes: tuple[str, ...], tag: str,
                config: dict[str, Any] | None = None) -> dict[str, tuple[str, str]]:
     """One pod per node through the CNI shim installed as a runtime has it; node -> (pod netns, address)."""
@@ -45,7 +40,7 @@ def place_pods(handle: LabHandle, pods: Pods, tmp_path: Path, nodes: tuple[str, 
 def mesh3(lab: Callable[..., LabHandle]) -> LabHandle:
     handle = lab("mesh3.clab.yml")
     for node in NODES:
-        handle.wait_for(lambda node=node: established(handle, node) == 2, timeout=60,
+        handle.wait_for(lambda node=node: len(sessions(handle, node)) == 2, timeout=60,
                         what=f"{node} to have Established sessions to both other nodes")
     return handle
 

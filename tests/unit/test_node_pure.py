@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
+import re
 
 import pytest
 
@@ -67,8 +69,8 @@ def test_host_interface_names_follow_calico() -> None:
     # sha1("default.nginx") starts with 3aa2e0aa00b...: Calico's name for that pod
     name = host_interface_name("default", "nginx", "ignored")
     assert name.startswith("cali") and len(name) == 15
-    assert name == "cali" + __import__("hashlib").sha1(b"default.nginx").hexdigest()[:11]
-    assert host_interface_name("", "", "abc") == "cali" + __import__("hashlib").sha1(b"abc").hexdigest()[:11]
+    assert name == "cali" + hashlib.sha1(b"default.nginx").hexdigest()[:11]
+    assert host_interface_name("", "", "abc") == "cali" + hashlib.sha1(b"abc").hexdigest()[:11]
     mac = random_mac()
     assert int(mac.split(":")[0], 16) & 0x03 == 0x02  # locally administered unicast
 
@@ -133,7 +135,7 @@ def test_node_status_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert print_status(status) == 0
     out = capsys.readouterr().out.splitlines()
     header = out[out.index("IPv4 BGP status") + 1]
-    assert __import__("re").split(r"\s{2,}", header) == ["PEER ADDRESS", "PEER TYPE", "STATE", "SINCE", "INFO"]
+    assert re.split(r"\s{2,}", header) == ["PEER ADDRESS", "PEER TYPE", "STATE", "SINCE", "INFO"]
     assert out[out.index("IPv4 BGP status") + 2].split() == ["10.0.0.12", "node-to-node", "mesh", "up", "08:00:01",
                                                             "Established"]
     assert "No IPv6 peers found." in out

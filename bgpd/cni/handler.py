@@ -7,6 +7,7 @@ released before the error goes back, so a runtime never sees a half-plumbed pod.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -19,13 +20,22 @@ from pyroute2 import IPRoute
 from bgpd.cni import spec
 from bgpd.cni.spec import CNIError, Request, Result
 from bgpd.dataplane import workloads
-from bgpd.resources import WorkloadEndpoint, delete_wep, list_node_weps, save_wep, wep_name
+from bgpd.resources import WorkloadEndpoint, delete_wep, list_node_weps, save_wep, wep_key, wep_name
 from ipam.allocator import IPAM
 from ipam.errors import DatastoreUnavailable, IPAMError, NoEligiblePool, PoolExhausted
 
 log = logging.getLogger("calico-py-node.cni")
 T = TypeVar("T")
 MAIN, IPAM_PLUGIN = "calico-py", "calico-py-ipam"
+
+
+async def _all(steps: list[Awaitable[Any]]) -> list[Any]:
+    """Run ``steps`` side by side and wait for every one of them; then raise the first failure, if any."""
+    outcomes = await asyncio.gather(*steps, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return outcomes
 
 
 class Netlink:
@@ -137,31 +147,50 @@ class CNIHandler:
 
     # ------------------------------------------------------------------ main plugin
 
-    def _workload(self, request: Request, addresses: list[Any]) -> workloads.Workload:
+    def _workload(self, request: Request) -> workloads.Workload:
         mtu = int(request.config.get("mtu") or self.default_mtu)
         host_if = workloads.host_interface_name(request.pod_namespace, request.pod_name, request.container_id)
-        return workloads.Workload(host_if=host_if, pod_if=request.ifname, netns=request.netns,
-                                  addresses=tuple(ipaddress.ip_interface(f"{a}/{a.max_prefixlen}") for a in addresses),
+        return workloads.Workload(host_if=host_if, pod_if=request.ifname, netns=request.netns, addresses=(),
                                   mtu=mtu, pod_mac=workloads.random_mac())
 
-    def _wep(self, request: Request, workload: workloads.Workload, mac: str) -> WorkloadEndpoint:
+    def _wep_id(self, request: Request) -> tuple[str, str]:
+        """(namespace, name) of the request's WorkloadEndpoint, by Calico's naming."""
         k8s = bool(request.pod_name)
+        return request.pod_namespace or "cni", wep_name(self.node, "k8s" if k8s else "cni",
+                                                        request.pod_name or request.container_id, request.ifname)
+
+    def _is_own(self, wep: WorkloadEndpoint, request: Request) -> bool:
+        return wep.container_id == request.container_id and wep.node == self.node
+
+    async def _stored_wep(self, request: Request) -> WorkloadEndpoint | None:
+        """The WorkloadEndpoint stored under the request's name (possibly another container's)."""
+        kv = await self._datastore(self.ipam.store.get(wep_key(*self._wep_id(request))))
+        return WorkloadEndpoint.from_v3(kv.json()) if kv is not None else None
+
+    def _wep(self, request: Request, workload: workloads.Workload) -> WorkloadEndpoint:
+        namespace, name = self._wep_id(request)
         return WorkloadEndpoint(
-            namespace=request.pod_namespace or "cni", node=self.node, container_id=request.container_id,
-            name=wep_name(self.node, "k8s" if k8s else "cni", request.pod_name or request.container_id,
-                          request.ifname),
+            namespace=namespace, node=self.node, container_id=request.container_id, name=name,
             pod=request.pod_name, endpoint=request.ifname, interface=workload.host_if,
-            ip_networks=tuple(str(a) for a in workload.addresses), mac=mac, orchestrator="k8s" if k8s else "cni")
+            ip_networks=tuple(str(a) for a in workload.addresses), mac=workload.pod_mac,
+            orchestrator="k8s" if request.pod_name else "cni")
 
     async def _add(self, request: Request) -> dict[str, Any]:
-        addresses = await self._allocate(request)
-        workload = self._workload(request, addresses)
-        # The endpoint record goes first: the reconciler keeps the routes of recorded endpoints only, so a route
-        # plumbed before its record exists could be taken away by a reconcile running meanwhile.
-        wep = self._wep(request, workload, workload.pod_mac)
+        """The datastore and the kernel work side by side: the veth pair is made while IPAM allocates, and the pod
+        side is configured while the endpoint record is written. Only the host route waits for the record: the
+        reconciler keeps the routes of recorded endpoints only, so a route plumbed before its record exists could
+        be taken away by a reconcile running meanwhile."""
+        workload = self._workload(request)
+        wep: WorkloadEndpoint | None = None
         try:
-            await self._datastore(save_wep(self.ipam.store, wep))
-            mac = await self.netlink.run(lambda ipr: workloads.add(ipr, workload))
+            index, addresses = await _all([self.netlink.run(lambda ipr: workloads.create_link(ipr, workload)),
+                                           self._allocate(request)])
+            workload = dataclasses.replace(workload, addresses=tuple(
+                ipaddress.ip_interface(f"{a}/{a.max_prefixlen}") for a in addresses))
+            wep = self._wep(request, workload)
+            await _all([self._datastore(save_wep(self.ipam.store, wep)),
+                        self.netlink.run(lambda _: workloads.configure_pod(workload))])
+            await self.netlink.run(lambda ipr: workloads.route_to_pod(ipr, workload, index))
         except BaseException as exc:
             await self._undo(workload, request, wep)
             if isinstance(exc, workloads.NetnsGone):
@@ -176,30 +205,39 @@ class CNIHandler:
                  request.pod_name, workload.host_if, ",".join(str(a) for a in addresses))
         result = Result(
             interfaces=[spec.Interface(workload.host_if, workloads.HOST_MAC),
-                        spec.Interface(request.ifname, mac, request.netns)],
+                        spec.Interface(request.ifname, workload.pod_mac, request.netns)],
             ips=[(a, 1, None) for a in workload.addresses],
             routes=[("0.0.0.0/0", workloads.GATEWAY_V4)] * any(a.version == 4 for a in addresses)
             + [("::/0", workloads.GATEWAY_V6)] * any(a.version == 6 for a in addresses),
         )
         return result.to_json(request.cni_version)
 
-    async def _undo(self, workload: workloads.Workload, request: Request, wep: WorkloadEndpoint) -> None:
-        try:
-            await self.netlink.run(lambda ipr: workloads.remove(ipr, workload.host_if))
-            await delete_wep(self.ipam.store, wep.namespace, wep.name)
-        finally:
-            await self.ipam.release_by_handle(request.handle_id)
+    async def _undo(self, workload: workloads.Workload, request: Request, wep: WorkloadEndpoint | None) -> None:
+        """Take back whatever a failed ADD made; the ADD's own error is what the runtime hears, so a failure
+        here is logged (what is left is found by the reconciler, ``ipam check`` and GC)."""
+        steps: list[Awaitable[Any]] = [self.netlink.run(lambda ipr: workloads.remove(ipr, workload.host_if)),
+                                       self.ipam.release_by_handle(request.handle_id)]
+        if wep is not None:
+            steps.append(delete_wep(self.ipam.store, wep.namespace, wep.name))
+        for outcome in await asyncio.gather(*steps, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                log.warning("cni ADD %s: cleaning up after the failure failed too: %s", request.container_id,
+                            outcome)
 
     async def _del(self, request: Request) -> None:
-        weps = [w for w in await self._datastore(list_node_weps(self.ipam.store, self.node))
-                if w.container_id == request.container_id and w.endpoint == request.ifname]
-        names = {w.interface for w in weps}
-        names.add(workloads.host_interface_name(request.pod_namespace, request.pod_name, request.container_id))
-        for name in names:
-            await self.netlink.run(lambda ipr, name=name: workloads.remove(ipr, name))
-        await self._datastore(self.ipam.release_by_handle(request.handle_id))
-        for wep in weps:
-            await self._datastore(delete_wep(self.ipam.store, wep.namespace, wep.name))
+        """The veth goes (its routes with it) while IPAM releases and the record is deleted: the kernel's veth
+        teardown is the slow part. A record of another container under the same name (the pod was recreated)
+        is left alone, and so is its veth."""
+        wep = await self._stored_wep(request)
+        mine = wep is not None and self._is_own(wep, request)
+        steps: list[Awaitable[Any]] = [self._datastore(self.ipam.release_by_handle(request.handle_id))]
+        if wep is None or mine:
+            host_if = wep.interface if wep is not None else workloads.host_interface_name(
+                request.pod_namespace, request.pod_name, request.container_id)
+            steps.append(self.netlink.run(lambda ipr: workloads.remove(ipr, host_if)))
+        if mine:
+            steps.append(self._datastore(delete_wep(self.ipam.store, *self._wep_id(request))))
+        await _all(steps)
         log.info("cni DEL container=%s pod=%s/%s", request.container_id, request.pod_namespace, request.pod_name)
         # No reconcile needed: the pod's route went with its veth, and an emptied block stays with the node.
 
@@ -207,12 +245,11 @@ class CNIHandler:
         held = await self._datastore(self.ipam.store.get(f"/calico/ipam/v2/handle/{request.handle_id}"))
         if held is None:
             raise CNIError(spec.UNKNOWN_CONTAINER, f"no addresses are held for {request.handle_id}")
-        weps = [w for w in await self._datastore(list_node_weps(self.ipam.store, self.node))
-                if w.container_id == request.container_id and w.endpoint == request.ifname]
-        if not weps:
+        wep = await self._stored_wep(request)
+        if wep is None or not self._is_own(wep, request):
             raise CNIError(spec.UNKNOWN_CONTAINER, f"no workload endpoint for container {request.container_id}")
-        workload = workloads.Workload(host_if=weps[0].interface, pod_if=request.ifname, netns=request.netns,
-                                      addresses=tuple(ipaddress.ip_interface(n) for n in weps[0].ip_networks),
+        workload = workloads.Workload(host_if=wep.interface, pod_if=request.ifname, netns=request.netns,
+                                      addresses=tuple(ipaddress.ip_interface(n) for n in wep.ip_networks),
                                       mtu=self.default_mtu)
         problems = await self.netlink.run(lambda ipr: workloads.check(ipr, workload))
         if problems:

@@ -6,8 +6,7 @@ Pod side: the pod's /32 (/128) on ``CNI_IFNAME``, ``169.254.1.1 dev eth0 scope l
 it (IPv6: via fe80::ecee:eeff:feee:eeee).
 
 Every call here is synchronous netlink work; the daemon runs it in a thread. Pod-side work enters the pod's
-network namespace in a short-lived thread of its own (``setns`` changes only the calling thread), so the daemon's
-threads never leave the node's namespace.
+network namespace for the duration of one call and comes straight back (see :func:`in_netns`).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import errno
 import hashlib
 import ipaddress
 import os
-import threading
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ HOST_MAC = "ee:ee:ee:ee:ee:ee"
 GATEWAY_V4 = "169.254.1.1"
 GATEWAY_V6 = "fe80::ecee:eeff:feee:eeee"
 SCOPE_LINK = 253
+IFF_UP = 1
 IFACE_PREFIX = "cali"
 
 T = TypeVar("T")
@@ -60,7 +60,7 @@ class Workload:
     netns: str
     addresses: tuple[Address, ...]
     mtu: int
-    pod_mac: str = ""  # chosen before plumbing so the endpoint record can be written first
+    pod_mac: str = ""  # chosen here, so nothing has to be read back from the pod
 
 
 def random_mac() -> str:
@@ -71,41 +71,44 @@ def random_mac() -> str:
 
 
 def in_netns(path: str, work: Callable[[IPRoute], T]) -> T:
-    """Run ``work(ipr)`` with a netlink socket inside the network namespace at ``path``."""
+    """Run ``work(ipr)`` with a netlink socket inside the network namespace at ``path``.
+
+    The calling thread enters the namespace and always comes back (``setns`` changes only the calling thread);
+    a socket keeps the namespace it was opened in, so the caller's own sockets are unaffected. Entering in place
+    saves a thread per pod; a thread that could not come back would plumb the wrong namespace, so that is fatal."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise NetnsGone(f"network namespace {path} does not exist") from None
     except OSError as exc:
         raise PlumbingError(f"cannot open network namespace {path}: {exc.strerror}") from None
-    outcome: dict[str, Any] = {}
-
-    def body() -> None:
-        try:
-            setns(fd)
-            with IPRoute() as ipr:
-                outcome["value"] = work(ipr)
-        except BaseException as exc:  # handed to the caller's thread
-            outcome["error"] = exc
-
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
-        thread = threading.Thread(target=body, name="netns-worker")
-        thread.start()
-        thread.join()
+        setns(fd)
+        try:
+            with IPRoute() as ipr:
+                return work(ipr)
+        finally:
+            try:
+                setns(home)
+            except OSError as exc:  # never carry on inside a pod's namespace: die, a restart reconciles
+                os.write(2, f"FATAL cannot return to the node's network namespace: {exc}\n".encode())
+                os._exit(70)
     finally:
         os.close(fd)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]  # type: ignore[no-any-return]
+        os.close(home)
 
 
 def _sysctl(path: str, value: str) -> None:
     Path("/proc/sys", path).write_text(value)
 
 
-def _index(ipr: IPRoute, name: str) -> int | None:
-    found = ipr.link_lookup(ifname=name)
-    return found[0] if found else None
+def if_index(name: str) -> int | None:
+    """The index of ``name`` in the calling thread's namespace: an ioctl, cheaper than a netlink lookup."""
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager
@@ -116,45 +119,47 @@ def _step(what: str) -> Iterator[None]:
         raise PlumbingError(f"{what}: {os.strerror(exc.code) if exc.code else exc}") from None
 
 
-def add(ipr: IPRoute, workload: Workload) -> str:
-    """Plumb the workload; returns the pod interface's MAC. Idempotent only for a clean slate: the caller
-    removes a half-made workload on failure (see :func:`remove`)."""
+def create_link(ipr: IPRoute, workload: Workload) -> int:
+    """Create the veth pair, both ends up with their MAC and MTU, the pod end moved into the pod's namespace,
+    and proxy ARP on the host end; returns the host end's index. Needs no address, so it can run while IPAM
+    allocates. A leftover host end of an earlier attempt is replaced."""
     try:
         pod_fd = os.open(workload.netns, os.O_RDONLY)
     except FileNotFoundError:
         raise NetnsGone(f"network namespace {workload.netns} does not exist") from None
+    except OSError as exc:
+        raise PlumbingError(f"cannot open network namespace {workload.netns}: {exc.strerror}") from None
     try:
-        if _index(ipr, workload.host_if) is not None:  # left over from an earlier attempt
+        if if_index(workload.host_if) is not None:
             with _step(f"removing stale {workload.host_if}"):
                 ipr.link("del", ifname=workload.host_if)
         with _step(f"creating veth {workload.host_if}"):
-            peer: dict[str, Any] = {"ifname": workload.pod_if, "net_ns_fd": pod_fd}
+            peer: dict[str, Any] = {"ifname": workload.pod_if, "net_ns_fd": pod_fd, "mtu": workload.mtu}
             if workload.pod_mac:
                 peer["address"] = workload.pod_mac
-            ipr.link("add", ifname=workload.host_if, kind="veth", peer=peer)
+            # One request: the host end comes up at creation (flags/change), with its MAC and MTU.
+            ipr.link("add", ifname=workload.host_if, kind="veth", address=HOST_MAC, mtu=workload.mtu,
+                     flags=IFF_UP, change=IFF_UP, peer=peer)
     finally:
         os.close(pod_fd)
-    index = _index(ipr, workload.host_if)
-    assert index is not None
-    with _step(f"configuring {workload.host_if}"):
-        ipr.link("set", index=index, address=HOST_MAC, mtu=workload.mtu)
+    index = if_index(workload.host_if)
+    if index is None:
+        raise PlumbingError(f"{workload.host_if} vanished right after it was created")
     name = workload.host_if
     _sysctl(f"net/ipv4/conf/{name}/proxy_arp", "1")
     _sysctl(f"net/ipv4/neigh/{name}/proxy_delay", "0")
     _sysctl(f"net/ipv4/conf/{name}/forwarding", "1")
-    if any(a.version == 6 for a in workload.addresses) and Path(f"/proc/sys/net/ipv6/conf/{name}").exists():
-        _sysctl(f"net/ipv6/conf/{name}/accept_ra", "0")
-        _sysctl(f"net/ipv6/conf/{name}/proxy_ndp", "1")
-        _sysctl(f"net/ipv6/conf/{name}/forwarding", "1")
-    with _step(f"bringing {workload.host_if} up"):
-        ipr.link("set", index=index, state="up")
+    return index
 
-    def pod_side(pod: IPRoute) -> str:
-        pod_index = _index(pod, workload.pod_if)
+
+def configure_pod(workload: Workload) -> None:
+    """Pod side: the interface up, its /32 (/128), 169.254.1.1 on-link and the default routes."""
+    def pod_side(pod: IPRoute) -> None:
+        pod_index = if_index(workload.pod_if)  # this thread is inside the pod's namespace now
         if pod_index is None:
             raise PlumbingError(f"{workload.pod_if} did not appear in {workload.netns}")
         with _step(f"configuring {workload.pod_if} in the pod"):
-            pod.link("set", index=pod_index, mtu=workload.mtu, state="up")
+            pod.link("set", index=pod_index, state="up")
             for address in workload.addresses:
                 pod.addr("add", index=pod_index, address=str(address.ip), prefixlen=address.max_prefixlen)
             if any(a.version == 4 for a in workload.addresses):
@@ -162,14 +167,29 @@ def add(ipr: IPRoute, workload: Workload) -> str:
                 pod.route("add", dst="0.0.0.0/0", gateway=GATEWAY_V4, oif=pod_index)
             if any(a.version == 6 for a in workload.addresses):
                 pod.route("add", dst="::/0", gateway=GATEWAY_V6, oif=pod_index, family=10)
-        return str(pod.get_links(pod_index)[0].get_attr("IFLA_ADDRESS"))
 
-    mac = in_netns(workload.netns, pod_side)
+    in_netns(workload.netns, pod_side)
+
+
+def route_to_pod(ipr: IPRoute, workload: Workload, index: int) -> None:
+    """Host side: the /32 (/128) routes to the pod, under our protocol number (and IPv6 neighbour proxying)."""
+    name = workload.host_if
+    if any(a.version == 6 for a in workload.addresses) and Path(f"/proc/sys/net/ipv6/conf/{name}").exists():
+        _sysctl(f"net/ipv6/conf/{name}/accept_ra", "0")
+        _sysctl(f"net/ipv6/conf/{name}/proxy_ndp", "1")
+        _sysctl(f"net/ipv6/conf/{name}/forwarding", "1")
     for address in workload.addresses:
         with _step(f"routing {address.ip} to {workload.host_if}"):
             ipr.route("replace", dst=f"{address.ip}/{address.max_prefixlen}", oif=index, scope=SCOPE_LINK,
                       proto=ROUTE_PROTO, family=10 if address.version == 6 else 2)
-    return mac
+
+
+def add(ipr: IPRoute, workload: Workload) -> None:
+    """All of the plumbing in one go (the daemon runs the three steps itself, interleaved with the datastore).
+    Idempotent only for a clean slate: the caller removes a half-made workload on failure (see :func:`remove`)."""
+    index = create_link(ipr, workload)
+    configure_pod(workload)
+    route_to_pod(ipr, workload, index)
 
 
 def remove(ipr: IPRoute, host_if: str) -> bool:
@@ -186,7 +206,7 @@ def remove(ipr: IPRoute, host_if: str) -> bool:
 def check(ipr: IPRoute, workload: Workload) -> list[str]:
     """Everything about the workload that is not as ADD left it (empty when all is well)."""
     problems = []
-    index = _index(ipr, workload.host_if)
+    index = if_index(workload.host_if)
     if index is None:
         return [f"host interface {workload.host_if} is missing"]
     link = ipr.get_links(index)[0]
@@ -202,7 +222,7 @@ def check(ipr: IPRoute, workload: Workload) -> list[str]:
 
     def pod_side(pod: IPRoute) -> list[str]:
         found = []
-        pod_index = _index(pod, workload.pod_if)
+        pod_index = if_index(workload.pod_if)
         if pod_index is None:
             return [f"{workload.pod_if} is missing in {workload.netns}"]
         have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in pod.get_addr(index=pod_index)}

@@ -88,10 +88,11 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None) -> None:
         bgp: BGPSync | None = None
         reconciler = RouteReconciler(store, netlink, config.nodename, config.reconcile_interval,
                                      learned=lambda: bgp.learned() if bgp else {},
+                                     learned_changes=lambda: bgp.learned_changes() if bgp else {},
                                      bgp_converged=lambda: bgp.speaker.converged if bgp else True)
         if config.networking_backend == "bird" and address is not None:
             speaker = ExaBGP(Path(os.environ.get("CALICO_STATE_DIR", f"/run/calico-py/{config.nodename}")),
-                             str(address.ip), on_routes=reconciler.wake)
+                             str(address.ip), on_routes=reconciler.wake_routes)
             bgp = BGPSync(store, speaker, config.nodename,
                           secrets_dir=Path(os.environ.get("CALICO_SECRETS_DIR", "/etc/calico-py/secrets")))
             await speaker.start()

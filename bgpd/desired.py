@@ -12,12 +12,23 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 @dataclass(frozen=True, order=True)
 class RouteSpec:
-    """A route we own. ``kind`` is ``unicast`` (via ``device``, optionally a ``gateway``) or ``blackhole``."""
+    """A route we own. ``kind`` is ``unicast`` (via ``device``, optionally a ``gateway``; or via several
+    ``nexthops``, each (gateway, device): equal-cost multipath) or ``blackhole``."""
 
     dst: str  # network text, so specs sort and hash across families
     kind: str = "unicast"
     device: str | None = None
     gateway: str | None = None
+    nexthops: tuple[tuple[str, str], ...] = ()  # sorted; set only when there are two or more
+
+    @property
+    def learned(self) -> bool:
+        """A route to another node (via a gateway), as BGP gives them."""
+        return bool(self.gateway or self.nexthops)
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(d for _, d in self.nexthops) if self.nexthops else (self.device,) if self.device else ()
 
     @property
     def network(self) -> IPNetwork:
@@ -40,18 +51,30 @@ def device_for(gateway: str, connected: Iterable[tuple[str, ipaddress.IPv4Interf
     return next((name for name, interface in connected if address in interface.network), None)
 
 
-def remote_routes(learned: dict[str, str], connected: Iterable[tuple[str, ipaddress.IPv4Interface]],
+def remote_route(prefix: str, next_hops: Iterable[str], connected: Iterable[tuple[str, ipaddress.IPv4Interface]],
+                 own: set[str]) -> RouteSpec | None:
+    """The kernel route for a prefix learned over BGP: via its next hops (several: ECMP) on the interfaces that
+    reach them; None for one of our own blocks (ours are blackholed here) or when no next hop is reachable
+    directly."""
+    if prefix in own:
+        return None
+    connected = list(connected)
+    hops = sorted({(gateway, device) for gateway in next_hops
+                   if (device := device_for(gateway, connected)) is not None})
+    if not hops:
+        return None
+    if len(hops) == 1:
+        return RouteSpec(dst=prefix, device=hops[0][1], gateway=hops[0][0])
+    return RouteSpec(dst=prefix, nexthops=tuple(hops))
+
+
+def remote_routes(learned: dict[str, tuple[str, ...]], connected: Iterable[tuple[str, ipaddress.IPv4Interface]],
                   own_blocks: Iterable[IPNetwork]) -> set[RouteSpec]:
-    """Routes learned over BGP, via their next hop on the interface that reaches it; never one of our own
-    blocks (ours are blackholed here), never a next hop we cannot reach directly."""
+    """Routes learned over BGP (prefix -> next hops), as :func:`remote_route` makes them."""
     connected = list(connected)
     own = {str(b) for b in own_blocks}
-    routes = set()
-    for prefix, gateway in learned.items():
-        device = device_for(gateway, connected)
-        if prefix not in own and device is not None:
-            routes.add(RouteSpec(dst=prefix, device=device, gateway=gateway))
-    return routes
+    return {route for prefix, next_hops in learned.items()
+            if (route := remote_route(prefix, next_hops, connected, own)) is not None}
 
 
 def desired_routes(workloads: Iterable[LocalWorkload], affine_blocks: Iterable[IPNetwork],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import time
@@ -23,7 +22,8 @@ log = logging.getLogger("calico-py-node.reconcile")
 
 @dataclass
 class ReconcileStats:
-    runs: int = 0
+    runs: int = 0  # full runs (kernel and datastore read)
+    fast_runs: int = 0  # BGP changes applied on their own
     errors: int = 0
     last_seconds: float = 0.0
     last_changes: int = 0
@@ -31,13 +31,20 @@ class ReconcileStats:
     workloads: int = 0  # local workload endpoints, as of the last run
 
 
+Learned = dict[str, tuple[str, ...]]  # BGP routes: prefix -> next hops, already filtered to the pools
+
+
 class RouteReconciler:
-    """Runs on start, whenever woken (a CNI ADD/DEL), and every ``interval`` seconds to repair drift."""
+    """Runs on start, whenever woken (a CNI ADD/DEL, a new block), and every ``interval`` seconds to repair
+    drift: a full run reads the kernel and the datastore. BGP changes take a fast path: only the prefixes that
+    changed are applied, against what the last runs installed, so a burst of 10,000 routes is not re-read and
+    re-diffed per UPDATE."""
 
     def __init__(self, store: Datastore, netlink: Netlink, node: str, interval: float,
-                 learned: Callable[[], dict[str, str]] = dict,
+                 learned: Callable[[], Learned] = dict, learned_changes: Callable[[], Learned] = dict,
                  bgp_converged: Callable[[], bool] = lambda: True) -> None:
-        self.learned = learned  # BGP routes: prefix -> next hop, already filtered to the pools
+        self.learned = learned
+        self.learned_changes = learned_changes
         self.bgp_converged = bgp_converged
         self.store = store
         self.netlink = netlink
@@ -45,8 +52,20 @@ class RouteReconciler:
         self.interval = interval
         self.stats = ReconcileStats()
         self._wake = asyncio.Event()
+        self._full_wanted = True
+        # What the fast path works against, as of the last full run: the BGP routes in the kernel by prefix,
+        # the node's addresses and its own blocks.
+        self._remote: dict[str, desired.RouteSpec] = {}
+        self._connected: list[tuple[str, ipaddress.IPv4Interface]] = []
+        self._own: set[str] = set()
 
     def wake(self) -> None:
+        """Run a full reconcile soon."""
+        self._full_wanted = True
+        self._wake.set()
+
+    def wake_routes(self) -> None:
+        """BGP routes changed: apply them soon."""
         self._wake.set()
 
     async def desired_state(self, existing: set[str],
@@ -62,13 +81,16 @@ class RouteReconciler:
         local = [desired.LocalWorkload(w.interface, tuple(ipaddress.ip_interface(n).ip
                                                           for n in w.ip_networks)) for w in weps]
         self.stats.workloads = len(local)
+        self._connected, self._own = connected, {str(a) for a in affinities}
         return (desired.desired_routes(local, affinities, existing)
                 | desired.remote_routes(self.learned(), connected, affinities))
 
     async def reconcile_once(self) -> int:
+        """A full run: the kernel's routes of ours against everything the node should hold."""
+        self._full_wanted = False
         started = time.monotonic()
         # The kernel is read first, in one netlink job, and the datastore after it. A CNI ADD records its
-        # endpoint before it plumbs (in one job on the same netlink thread), so every route seen here has its
+        # endpoint before it plumbs its host route (on the same netlink thread), so every route seen here has its
         # endpoint in the read that follows; read the other way round, a pod plumbed between the two reads has a
         # route but no endpoint yet, and would lose its route.
         names, have, connected = await self.netlink.run(
@@ -78,9 +100,31 @@ class RouteReconciler:
             # Just restarted, BGP not relearned yet: keep the remote routes already in the kernel, so traffic to
             # other nodes does not stop while the sessions come back (they are checked again once converged).
             wanted = {spec.dst for spec in want}
-            want |= {spec for spec in have if spec.gateway and spec.dst not in wanted}
-        diff = desired.diff_routes(want, have)
+            want |= {spec for spec in have if spec.learned and spec.dst not in wanted}
         self.stats.routes = len(want)
+        self._remote = {spec.dst: spec for spec in want if spec.learned}
+        changes = await self._apply(desired.diff_routes(want, have))
+        self.stats.runs += 1
+        self.stats.last_seconds = time.monotonic() - started
+        return changes
+
+    async def apply_route_changes(self) -> int:
+        """The fast path: apply the BGP prefixes that changed since the last run, nothing else."""
+        add: list[desired.RouteSpec] = []
+        remove: list[desired.RouteSpec] = []
+        for prefix, next_hops in self.learned_changes().items():
+            want = desired.remote_route(prefix, next_hops, self._connected, self._own)
+            have = self._remote.pop(prefix, None)
+            if want is not None:
+                self._remote[prefix] = want
+                if want != have:
+                    add.append(want)  # replaces a changed route in place: no gap in forwarding
+            elif have is not None:
+                remove.append(have)
+        self.stats.fast_runs += 1
+        return await self._apply(desired.RouteDiff(add=tuple(sorted(add)), remove=tuple(sorted(remove))))
+
+    async def _apply(self, diff: desired.RouteDiff) -> int:
         errors = await self.netlink.run(lambda ipr: routes.apply(ipr, diff)) if not diff.empty else []
         failed = {spec for spec, _ in errors}
         if len(diff.add) + len(diff.remove) > 20:  # a burst (BGP bulk): one line, not one per route
@@ -94,19 +138,25 @@ class RouteReconciler:
                     log.info("route removed %s", spec)
         for _, error in errors:
             log.warning("route change failed: %s", error)
-        self.stats.runs += 1
+        if errors:
+            self._full_wanted = True  # what the kernel holds is no longer what we think: read it again
         self.stats.errors += len(errors)
-        self.stats.last_seconds = time.monotonic() - started
         self.stats.last_changes = len(diff.add) + len(diff.remove)
         return self.stats.last_changes
 
     async def run(self) -> None:
         while True:
             try:
-                await self.reconcile_once()
+                if self._full_wanted or not self.bgp_converged():
+                    await self.reconcile_once()
+                else:
+                    await self.apply_route_changes()
             except Exception:  # the datastore may be away; the next run retries
                 self.stats.errors += 1
+                self._full_wanted = True
                 log.exception("reconcile failed")
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
+            except TimeoutError:
+                self._full_wanted = True  # the periodic run that repairs drift
             self._wake.clear()

@@ -15,6 +15,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from bgpd.dataplane.workloads import ROUTE_PROTO, SCOPE_LINK
 from bgpd.desired import RouteDiff, RouteSpec
 
+ONLINK = 4  # RTNH_F_ONLINK: the next hop is on the segment even if no route says so
+
 
 def interfaces(ipr: IPRoute | None = None) -> dict[int, str]:
     """index -> name of the interfaces of this thread's network namespace. if_nameindex() costs microseconds;
@@ -44,6 +46,9 @@ def actual_routes(ipr: IPRoute | None = None) -> set[RouteSpec]:
                 dst += "/32" if family == "-4" else "/128"
             if route.get("type") == "blackhole":
                 found.add(RouteSpec(dst=dst, kind="blackhole"))
+            elif route.get("nexthops"):
+                found.add(RouteSpec(dst=dst, nexthops=tuple(sorted((hop.get("gateway", ""), hop.get("dev", ""))
+                                                                   for hop in route["nexthops"]))))
             else:
                 found.add(RouteSpec(dst=dst, device=route.get("dev"), gateway=route.get("gateway")))
     return found
@@ -54,11 +59,14 @@ def _request(spec: RouteSpec, names: dict[str, int]) -> dict[str, object]:
     request: dict[str, object] = {"dst": spec.dst, "proto": ROUTE_PROTO, "family": 2 if network.version == 4 else 10}
     if spec.kind == "blackhole":
         request["type"] = "blackhole"
+    elif spec.nexthops:
+        request["multipath"] = [{"gateway": gateway, "oif": names[device], "flags": ONLINK}
+                                for gateway, device in spec.nexthops]
     else:
         request["oif"] = names[spec.device or ""]
         if spec.gateway:
             request["gateway"] = spec.gateway
-            request["flags"] = 4  # RTNH_F_ONLINK: the next hop is on the segment even if no route says so
+            request["flags"] = ONLINK
         else:
             request["scope"] = SCOPE_LINK
     return request
@@ -72,15 +80,22 @@ def ip_command(verb: str, spec: RouteSpec) -> str:
     family = "-6 " if spec.network.version == 6 else ""
     if spec.kind == "blackhole":
         return f"{family}route {verb} blackhole {spec.dst} proto {ROUTE_PROTO}"
+    if spec.nexthops:
+        hops = " ".join(f"nexthop via {gateway} dev {device} onlink" for gateway, device in spec.nexthops)
+        return f"{family}route {verb} {spec.dst} proto {ROUTE_PROTO} {hops}"
     if spec.gateway:
         return f"{family}route {verb} {spec.dst} via {spec.gateway} dev {spec.device} proto {ROUTE_PROTO} onlink"
     return f"{family}route {verb} {spec.dst} dev {spec.device} proto {ROUTE_PROTO} scope link"
 
 
+def _devices_exist(spec: RouteSpec, names: dict[str, int]) -> bool:
+    return all(device in names for device in spec.devices)
+
+
 def apply_batch(diff: RouteDiff, names: dict[str, int]) -> list[tuple[RouteSpec | None, str]]:
     """Many changes in one ``ip -force -batch -`` (thousands of routes a second instead of hundreds)."""
-    lines = [ip_command("del", s) for s in diff.remove if s.kind == "blackhole" or s.device in names]
-    lines += [ip_command("replace", s) for s in diff.add if s.kind == "blackhole" or s.device in names]
+    lines = [ip_command("del", s) for s in diff.remove if _devices_exist(s, names)]
+    lines += [ip_command("replace", s) for s in diff.add if _devices_exist(s, names)]
     result = subprocess.run(["ip", "-force", "-batch", "-"], input="\n".join(lines) + "\n", capture_output=True,
                             text=True, timeout=120, check=False)
     return [(None, line) for line in result.stderr.splitlines() if line.strip() and "No such process" not in line]
@@ -94,7 +109,7 @@ def apply(ipr: IPRoute, diff: RouteDiff) -> list[tuple[RouteSpec | None, str]]:
         return apply_batch(diff, names)
     errors: list[tuple[RouteSpec | None, str]] = []
     for spec in diff.remove:
-        if spec.kind != "blackhole" and spec.device not in names:
+        if not _devices_exist(spec, names):
             continue  # its device is gone, and the kernel took the route with it; deleting by destination
             # alone could hit a new pod's route to the same (reused) address
         try:
@@ -107,6 +122,6 @@ def apply(ipr: IPRoute, diff: RouteDiff) -> list[tuple[RouteSpec | None, str]]:
             ipr.route("replace", **_request(spec, names))
         except NetlinkError as exc:
             errors.append((spec, f"adding {spec}: {exc}"))
-        except KeyError:
-            errors.append((spec, f"adding {spec}: device {spec.device} is gone"))
+        except KeyError as exc:
+            errors.append((spec, f"adding {spec}: device {exc} is gone"))
     return errors

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bgpd.speaker.peers import BGPPath, PeerSpec, best_path, looped, reflections, render_exabgp
+from bgpd.speaker.peers import ORIGINS, BGPPath, PeerSpec, looped, multipath, reflections, render_exabgp
 from bgpd.unixsock import bind_abstract
 
 log = logging.getLogger("calico-py-node.bgp")
@@ -46,6 +46,7 @@ class ExaBGP:
         self.exabgp = exabgp or str(Path(sys.executable).parent / "exabgp")
         self.peers: dict[str, PeerStatus] = {}
         self.rib: dict[str, dict[str, BGPPath]] = {}  # peer address -> prefix -> path
+        self.touched: set[str] = set()  # prefixes whose paths changed since learned_changes() last ran
         self.cluster_id: str | None = None  # set when this node is a route reflector
         self.reflected: dict[str, dict[str, BGPPath]] = {}  # what ExaBGP was told to reflect, per peer
         self.announced: set[str] = set()  # what ExaBGP was told, on the current API connection
@@ -197,13 +198,26 @@ class ExaBGP:
 
     # ------------------------------------------------------------------ learned state out
 
-    def learned(self) -> dict[str, str]:
-        """prefix -> next hop of the best path among the peers' (ECMP later)."""
+    def learned(self) -> dict[str, tuple[str, ...]]:
+        """prefix -> next hops of its best paths (several: equal-cost multipath), over the whole RIB."""
         by_prefix: dict[str, dict[str, BGPPath]] = {}
         for address, table in self.rib.items():
             for prefix, path in table.items():
                 by_prefix.setdefault(prefix, {})[address] = path
-        return {prefix: best_path(paths)[1].next_hop for prefix, paths in by_prefix.items()}
+        self.touched.clear()
+        return {prefix: multipath(paths) for prefix, paths in by_prefix.items()}
+
+    def learned_changes(self) -> dict[str, tuple[str, ...]]:
+        """Like :meth:`learned`, for the prefixes touched since the last call only (no next hop: gone), so a
+        burst of updates costs what changed, not the size of the RIB."""
+        touched, self.touched = self.touched, set()
+        return {prefix: multipath({peer: table[prefix] for peer, table in self.rib.items() if prefix in table})
+                for prefix in touched}
+
+    def touch_all(self) -> None:
+        """Mark every prefix changed (what is accepted changed, e.g. the pools)."""
+        for table in self.rib.values():
+            self.touched.update(table)
 
     def set_graceful_restart(self, seconds: int) -> None:
         if seconds != self.graceful_restart:
@@ -230,6 +244,7 @@ class ExaBGP:
     def _drop(self, peer: str, prefixes: set[str], why: str) -> None:
         table = self.rib.get(peer, {})
         gone = [p for p in prefixes if table.pop(p, None) is not None]
+        self.touched.update(gone)
         self.stale.pop(peer, None)
         if gone:
             log.info("bgp dropped %d stale routes of %s: %s", len(gone), peer, why)
@@ -260,7 +275,7 @@ class ExaBGP:
             for prefix, path in sorted(now.items()):
                 if before.get(prefix) != path:
                     self._writer.write((f"neighbor {peer} announce route {prefix} next-hop {path.next_hop} "
-                                        f"originator-id {path.originator_id} "
+                                        f"{path.exabgp_attributes()} originator-id {path.originator_id} "
                                         f"cluster-list [ {' '.join(path.cluster_list)} ]\n").encode())
         self.reflected = wanted
         await self._writer.drain()
@@ -320,7 +335,8 @@ class ExaBGP:
                     self.stale[peer] = (time.monotonic() + restart_time, routes)
                     log.info("bgp keeping %d routes of %s for %ss (graceful restart)", len(routes), peer,
                              restart_time)
-                elif self.rib.pop(peer, None):
+                elif table := self.rib.pop(peer, None):
+                    self.touched.update(table)
                     self.on_routes()
                     return True
         elif message.get("type") == "open" and neighbor.get("direction") == "receive":
@@ -346,32 +362,67 @@ class ExaBGP:
         return False
 
     def _apply_update(self, peer: str, update: dict[str, Any]) -> bool:
+        """Apply one UPDATE to the peer's table; True when a path changed. Costs the size of the update only."""
         table = self.rib.setdefault(peer, {})
-        before = dict(table)
+        changed = False
         attributes = update.get("attribute") if isinstance(update.get("attribute"), dict) else {}
-        originator = attributes.get("originator-id")
-        clusters = attributes.get("cluster-list")
-        path_attrs = (originator if _address(originator) else None,
-                      tuple(c for c in clusters if _address(c)) if isinstance(clusters, list) else ())
         for next_hop, entries in ((update.get("announce") or {}).get("ipv4 unicast") or {}).items():
+            if not _address(next_hop):
+                continue
+            path = _path(next_hop, attributes)
             for entry in entries if isinstance(entries, list) else []:
                 prefix = _prefix(entry)
-                if not prefix or not _address(next_hop):
+                if not prefix:
                     continue
-                path = BGPPath(next_hop, *path_attrs)
                 if looped(path, self.router_id, self.cluster_id):
                     log.info("bgp route %s from %s dropped: it looped (RFC 4456)", prefix, peer)
-                    table.pop(prefix, None)
+                    if table.pop(prefix, None) is not None:
+                        self.touched.add(prefix)
+                        changed = True
                     continue
-                table[prefix] = path
+                if table.get(prefix) != path:
+                    table[prefix] = path
+                    self.touched.add(prefix)
+                    changed = True
                 if peer in self.stale:
                     self.stale[peer][1].discard(prefix)
         for entry in ((update.get("withdraw") or {}).get("ipv4 unicast") or []) if isinstance(
                 update.get("withdraw"), dict) else []:
             prefix = _prefix(entry)
-            if prefix:
-                table.pop(prefix, None)
-        return table != before
+            if prefix and table.pop(prefix, None) is not None:
+                self.touched.add(prefix)
+                changed = True
+        return changed
+
+
+def _path(next_hop: str, attributes: dict[str, Any]) -> BGPPath:
+    """The path an UPDATE's attributes describe (ExaBGP's JSON; anything malformed is left at its default)."""
+    originator = attributes.get("originator-id")
+    clusters = attributes.get("cluster-list")
+    local_pref, med, origin = attributes.get("local-preference"), attributes.get("med"), attributes.get("origin")
+    return BGPPath(
+        next_hop,
+        originator_id=originator if _address(originator) else None,
+        cluster_list=tuple(c for c in clusters if _address(c)) if isinstance(clusters, list) else (),
+        as_path=_as_path(attributes.get("as-path")),
+        local_pref=local_pref if isinstance(local_pref, int) else 100,
+        med=med if isinstance(med, int) else 0,
+        origin=origin if origin in ORIGINS else "igp",
+    )
+
+
+def _as_path(value: Any) -> tuple[int, ...]:
+    """ExaBGP 5 gives ``{"0": {"element": "as-sequence", "value": [65001, ...]}, ...}`` (older ones a plain
+    list). An AS_SET counts as one AS (RFC 4271 9.1.2.2), kept as its first member."""
+    segments = value.values() if isinstance(value, dict) else [{"element": "as-sequence", "value": value}]
+    path: list[int] = []
+    for segment in segments:
+        members = segment.get("value") if isinstance(segment, dict) else None
+        members = [a for a in members if isinstance(a, int)] if isinstance(members, list) else []
+        if "set" in str(segment.get("element", "")):
+            members = members[:1]
+        path += members
+    return tuple(path)
 
 
 def _prefix(entry: Any) -> str | None:

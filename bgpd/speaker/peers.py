@@ -167,13 +167,37 @@ def render_exabgp(router_id: str, peers: Iterable[PeerSpec], relay: list[str], g
     return "\n".join(lines)
 
 
+ORIGINS = {"igp": 0, "egp": 1, "incomplete": 2}
+
+
 @dataclass(frozen=True)
 class BGPPath:
-    """A route as learned from one peer: what reflection and loop detection need."""
+    """A route as learned from one peer: what best-path selection, reflection and loop detection need."""
 
     next_hop: str
     originator_id: str | None = None
     cluster_list: tuple[str, ...] = ()
+    as_path: tuple[int, ...] = ()
+    local_pref: int = 100
+    med: int = 0
+    origin: str = "igp"
+
+    @property
+    def rank(self) -> tuple[int, int, int, int]:
+        """RFC 4271 9.1.2.2's order up to the IGP cost (smaller is better); paths of equal rank are equal-cost
+        (multipath), as with BIRD's ``merge paths`` or FRR's ``maximum-paths``."""
+        return -self.local_pref, len(self.as_path), ORIGINS.get(self.origin, 2), self.med
+
+    def exabgp_attributes(self) -> str:
+        """The attributes to repeat when re-advertising this path (ExaBGP's command syntax)."""
+        parts = [f"origin {self.origin}"]
+        if self.as_path:
+            parts.append(f"as-path [ {' '.join(str(a) for a in self.as_path)} ]")
+        if self.local_pref != 100:
+            parts.append(f"local-preference {self.local_pref}")
+        if self.med:
+            parts.append(f"med {self.med}")
+        return " ".join(parts)
 
 
 def looped(path: BGPPath, router_id: str, cluster_id: str | None) -> bool:
@@ -181,9 +205,20 @@ def looped(path: BGPPath, router_id: str, cluster_id: str | None) -> bool:
     return path.originator_id == router_id or (cluster_id is not None and cluster_id in path.cluster_list)
 
 
-def best_path(paths: dict[str, BGPPath]) -> tuple[str, BGPPath]:
-    """Among peers offering a prefix: the shortest cluster list, then the lowest peer address (deterministic)."""
-    return min(paths.items(), key=lambda item: (len(item[1].cluster_list), ipaddress.ip_address(item[0])))
+def best_path(paths: Mapping[str, BGPPath]) -> tuple[str, BGPPath]:
+    """Among peers offering a prefix: the best rank, then the shortest cluster list, then the lowest peer address
+    (deterministic)."""
+    return min(paths.items(), key=lambda item: (item[1].rank, len(item[1].cluster_list),
+                                                ipaddress.ip_address(item[0])))
+
+
+def multipath(paths: Mapping[str, BGPPath]) -> tuple[str, ...]:
+    """The next hops to forward a prefix to: every distinct next hop among the paths of the best rank (ECMP),
+    sorted; empty when there is no path."""
+    if not paths:
+        return ()
+    best = best_path(paths)[1].rank
+    return tuple(sorted({p.next_hop for p in paths.values() if p.rank == best}, key=ipaddress.ip_address))
 
 
 def reflections(rib: Mapping[str, Mapping[str, BGPPath]], peers: Iterable[PeerSpec], cluster_id: str,
@@ -200,7 +235,8 @@ def reflections(rib: Mapping[str, Mapping[str, BGPPath]], peers: Iterable[PeerSp
     out: dict[str, dict[str, BGPPath]] = {address: {} for address in ibgp}
     for prefix, paths in by_prefix.items():
         source, path = best_path(paths)
-        reflected = BGPPath(path.next_hop, path.originator_id or source, (cluster_id, *path.cluster_list))
+        reflected = dataclasses.replace(path, originator_id=path.originator_id or source,
+                                        cluster_list=(cluster_id, *path.cluster_list))
         for address, peer in ibgp.items():
             if address == source or (not ibgp[source].rr_client and not peer.rr_client):
                 continue

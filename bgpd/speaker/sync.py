@@ -56,16 +56,25 @@ class BGPSync:
         self.interval = interval
         self.pools: list[IPPool] = []
 
-    def learned(self) -> dict[str, str]:
-        """Routes from peers, only those inside a pool (a peer cannot inject a default or a node address)."""
-        routes = {}
-        for prefix, next_hop in self.speaker.learned().items():
-            network = ipaddress.ip_network(prefix)
-            if accepted(network, self.pools):
-                routes[prefix] = next_hop
+    def learned(self) -> dict[str, tuple[str, ...]]:
+        """Routes from peers (prefix -> next hops), only those inside a pool: a peer cannot inject a default
+        route or a node address."""
+        return self._accepted(self.speaker.learned())
+
+    def learned_changes(self) -> dict[str, tuple[str, ...]]:
+        """The same for the prefixes changed since the last call; a prefix outside the pools has no next hop."""
+        return self._accepted(self.speaker.learned_changes(), keep_rejected=True)
+
+    def _accepted(self, routes: dict[str, tuple[str, ...]], keep_rejected: bool = False) -> dict[str, tuple[str, ...]]:
+        out = {}
+        for prefix, next_hops in routes.items():
+            if accepted(ipaddress.ip_network(prefix), self.pools):
+                out[prefix] = next_hops
             else:
-                log.debug("bgp route %s from %s outside every pool: ignored", prefix, next_hop)
-        return routes
+                log.debug("bgp route %s via %s outside every pool: ignored", prefix, ",".join(next_hops))
+                if keep_rejected:
+                    out[prefix] = ()
+        return out
 
     async def sync_once(self) -> None:
         nodes_prefix, peers_prefix = keys.resource_prefix("nodes"), keys.resource_prefix("bgppeers")
@@ -82,7 +91,8 @@ class BGPSync:
         pools = [IPPool.from_v3(kv.json()) for kv in snapshot.prefixes[pools_prefix]]
         if pools != self.pools:
             self.pools = pools
-            self.speaker.on_routes()  # routes filtered out by the old pools may be accepted now
+            self.speaker.touch_all()  # routes filtered out by the old pools may be accepted now, and the reverse
+            self.speaker.on_routes()
         blocks = []
         for kv in snapshot.prefixes[affinity_prefix]:
             _, cidr = keys.parse_affinity_key(kv.key)

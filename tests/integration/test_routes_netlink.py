@@ -23,6 +23,8 @@ SCRIPT = textwrap.dedent("""
     want = {RouteSpec(f"10.{200 + i // 1024}.{(i // 4) % 256}.{(i % 4) * 64}/26", device="veth0", gateway="10.0.0.2")
             for i in range(count)}
     want.add(RouteSpec("10.250.0.0/26", kind="blackhole"))
+    for i in range(3):  # equal-cost multipath
+        want.add(RouteSpec(f"10.251.0.{i * 64}/26", nexthops=(("10.0.0.2", "veth0"), ("10.0.0.3", "veth0"))))
     with IPRoute() as ipr:
         errors = routes.apply(ipr, diff_routes(want, routes.actual_routes(ipr)))
         after = routes.actual_routes(ipr)
@@ -55,6 +57,6 @@ def test_routes_apply_and_read_back(namespace: str, count: int) -> None:
                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert result.returncode == 0, result.stderr
     outcome = json.loads(result.stdout)
-    assert outcome == {"errors": [], "installed": count + 1, "converged": True, "left": 0, "equal": True}
+    assert outcome == {"errors": [], "installed": count + 4, "converged": True, "left": 0, "equal": True}
     other = subprocess.run(["ip", "-n", namespace, "route", "show", "10.0.0.0/24"], capture_output=True, text=True)
     assert "proto kernel" in other.stdout  # routes of other protocols are never touched

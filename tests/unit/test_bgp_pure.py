@@ -17,8 +17,10 @@ from bgpd.speaker.peers import (
     PeerSpec,
     accepted,
     announcements,
+    best_path,
     desired_peers,
     looped,
+    multipath,
     reflections,
     render_exabgp,
 )
@@ -69,9 +71,12 @@ def test_announcements_and_import_filter() -> None:
 
 def test_remote_routes_need_a_reachable_next_hop_and_never_shadow_our_blocks() -> None:
     connected = [("eth1", ipaddress.IPv4Interface("10.0.0.11/24")), ("eth0", ipaddress.IPv4Interface("172.20.20.3/24"))]
-    learned = {"10.244.2.0/26": "10.0.0.12", "10.244.1.0/26": "10.0.0.13", "10.244.3.0/26": "192.0.2.1"}
+    learned = {"10.244.2.0/26": ("10.0.0.12",), "10.244.1.0/26": ("10.0.0.13",), "10.244.3.0/26": ("192.0.2.1",),
+               "10.244.4.0/26": ("10.0.0.13", "192.0.2.1", "10.0.0.12")}
     routes = remote_routes(learned, connected, [ipaddress.ip_network("10.244.1.0/26")])
-    assert routes == {RouteSpec("10.244.2.0/26", device="eth1", gateway="10.0.0.12")}
+    assert routes == {RouteSpec("10.244.2.0/26", device="eth1", gateway="10.0.0.12"),
+                      # equal-cost paths: one multipath route over the reachable next hops
+                      RouteSpec("10.244.4.0/26", nexthops=(("10.0.0.12", "eth1"), ("10.0.0.13", "eth1")))}
 
 
 def test_exabgp_config_has_one_neighbor_per_peer() -> None:
@@ -94,11 +99,11 @@ def test_exabgp_json_updates_and_untrusted_input(tmp_path: Path) -> None:
         return json.dumps({"type": "update", "neighbor": {"address": {"peer": peer, "local": "10.0.0.11"},
                                                          "message": {"update": body}}}).encode()
     speaker._handle(update("10.0.0.12", {"10.0.0.12": [{"nlri": "10.244.2.0/26"}, {"nlri": "bogus"}]}))
-    assert speaker.learned() == {"10.244.2.0/26": "10.0.0.12"} and woken
+    assert speaker.learned() == {"10.244.2.0/26": ("10.0.0.12",)} and woken
     speaker._handle(update("10.0.0.99", {"10.0.0.99": [{"nlri": "10.244.9.0/26"}]}))  # not a peer of ours
     for garbage in (b"done", b"[1,2]", b"{", b'{"type": "update", "neighbor": 5}'):
         speaker._handle(garbage)
-    assert speaker.learned() == {"10.244.2.0/26": "10.0.0.12"}
+    assert speaker.learned() == {"10.244.2.0/26": ("10.0.0.12",)}
     speaker._handle(update("10.0.0.12", withdraw=[{"nlri": "10.244.2.0/26"}]))
     assert speaker.learned() == {}
     state = {"type": "state", "neighbor": {"address": {"peer": "10.0.0.13"}, "state": "up"}}
@@ -157,7 +162,7 @@ def test_graceful_restart_keeps_a_peers_routes_then_drops_them(tmp_path: Path) -
     send("update", message={"eor": {"afi": "ipv4", "safi": "unicast"}})
     assert speaker.gr_peers == {"10.0.0.12": 30} and "10.0.0.12" in speaker.eor
     send("state", state="down", reason="peer reset")
-    assert speaker.learned() == {"10.244.2.0/26": "10.0.0.12"}  # kept while the peer restarts
+    assert speaker.learned() == {"10.244.2.0/26": ("10.0.0.12",)}  # kept while the peer restarts
     assert speaker.stale["10.0.0.12"][1] == {"10.244.2.0/26"}
     send("state", state="connected")
     send("state", state="up")
@@ -190,3 +195,38 @@ def test_borrowed_addresses_are_announced_as_host_routes() -> None:
     own = [ipaddress.ip_network("10.244.1.0/26")]
     local = [ipaddress.ip_address(a) for a in ("10.244.1.5", "10.244.9.7", "192.0.2.1")]
     assert announcements(own, pools, local) == {"10.244.1.0/26", "10.244.9.7/32"}
+
+
+def test_best_path_and_equal_cost_multipath() -> None:
+    short = BGPPath("10.0.0.12", as_path=(65001,))
+    also_short = BGPPath("10.0.0.13", as_path=(65002,))
+    longer = BGPPath("10.0.0.14", as_path=(65003, 65004))
+    assert multipath({"10.0.0.2": short, "10.0.0.3": also_short, "10.0.0.4": longer}) == ("10.0.0.12", "10.0.0.13")
+    assert multipath({"10.0.0.4": longer, "10.0.0.5": BGPPath("10.0.0.15", as_path=(1, 2), local_pref=200)}) == ("10.0.0.15",)
+    assert multipath({"10.0.0.2": short, "10.0.0.3": BGPPath("10.0.0.13", as_path=(65002,), med=10)}) == ("10.0.0.12",)
+    assert multipath({"10.0.0.2": short, "10.0.0.3": BGPPath("10.0.0.12", as_path=(65009,))}) == ("10.0.0.12",)  # one hop
+    assert multipath({}) == ()
+    assert best_path({"10.0.0.9": short, "10.0.0.1": also_short})[0] == "10.0.0.1"  # tie: lowest peer
+
+
+def test_learned_changes_cost_only_what_changed_and_carry_attributes(tmp_path: Path) -> None:
+    speaker = ExaBGP(tmp_path, "10.0.0.11", on_routes=lambda: None)
+    speaker.set_peers(desired_peers(NODES[0], NODES, None, []))
+
+    def announce(peer: str, prefixes: list[str], as_path: list[int]) -> None:
+        attribute = {"origin": "igp", "as-path": {"0": {"element": "as-sequence", "value": as_path}}}
+        speaker._handle(json.dumps({"type": "update", "neighbor": {
+            "address": {"peer": peer, "local": "10.0.0.11"},
+            "message": {"update": {"attribute": attribute,
+                                   "announce": {"ipv4 unicast": {peer: [{"nlri": p} for p in prefixes]}}}}}}).encode())
+    announce("10.0.0.12", ["10.244.2.0/26", "10.244.9.0/26"], [65002])
+    assert speaker.rib["10.0.0.12"]["10.244.2.0/26"].as_path == (65002,)
+    assert speaker.learned_changes() == {"10.244.2.0/26": ("10.0.0.12",), "10.244.9.0/26": ("10.0.0.12",)}
+    assert speaker.learned_changes() == {}  # taken
+    announce("10.0.0.12", ["10.244.2.0/26"], [65002])  # the same path again: nothing changed
+    assert speaker.learned_changes() == {}
+    announce("10.0.0.13", ["10.244.9.0/26"], [65003])  # an equal path from another peer: ECMP
+    assert speaker.learned_changes() == {"10.244.9.0/26": ("10.0.0.12", "10.0.0.13")}
+    speaker._handle(json.dumps({"type": "state", "neighbor": {"address": {"peer": "10.0.0.13"},
+                                                              "state": "down"}}).encode())
+    assert speaker.learned_changes() == {"10.244.9.0/26": ("10.0.0.12",)}

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -45,22 +46,31 @@ def host_route(address: IPAddress, interface: str) -> RouteSpec:
     return RouteSpec(dst=f"{address}/{address.max_prefixlen}", device=interface)
 
 
-def device_for(gateway: str, connected: Iterable[tuple[str, ipaddress.IPv4Interface]]) -> str | None:
-    """The interface whose subnet holds ``gateway`` (BGP next hops are on a shared segment), or None."""
+@functools.lru_cache(maxsize=1024)
+def _device_for(gateway: str, connected: tuple[tuple[str, ipaddress.IPv4Interface], ...]) -> str | None:
     address = ipaddress.ip_address(gateway)
     return next((name for name, interface in connected if address in interface.network), None)
 
 
-def remote_route(prefix: str, next_hops: Iterable[str], connected: Iterable[tuple[str, ipaddress.IPv4Interface]],
+def device_for(gateway: str, connected: Iterable[tuple[str, ipaddress.IPv4Interface]]) -> str | None:
+    """The interface whose subnet holds ``gateway`` (BGP next hops are on a shared segment), or None. Cached:
+    a burst of routes has a handful of next hops."""
+    return _device_for(gateway, tuple(connected))
+
+
+def remote_route(prefix: str, next_hops: Sequence[str], connected: Iterable[tuple[str, ipaddress.IPv4Interface]],
                  own: set[str]) -> RouteSpec | None:
     """The kernel route for a prefix learned over BGP: via its next hops (several: ECMP) on the interfaces that
     reach them; None for one of our own blocks (ours are blackholed here) or when no next hop is reachable
     directly."""
     if prefix in own:
         return None
-    connected = list(connected)
+    connected = tuple(connected)
+    if len(next_hops) == 1:  # the common case, kept cheap: bursts of routes come through here
+        device = _device_for(next_hops[0], connected)
+        return RouteSpec(dst=prefix, device=device, gateway=next_hops[0]) if device is not None else None
     hops = sorted({(gateway, device) for gateway in next_hops
-                   if (device := device_for(gateway, connected)) is not None})
+                   if (device := _device_for(gateway, connected)) is not None})
     if not hops:
         return None
     if len(hops) == 1:
@@ -71,7 +81,7 @@ def remote_route(prefix: str, next_hops: Iterable[str], connected: Iterable[tupl
 def remote_routes(learned: dict[str, tuple[str, ...]], connected: Iterable[tuple[str, ipaddress.IPv4Interface]],
                   own_blocks: Iterable[IPNetwork]) -> set[RouteSpec]:
     """Routes learned over BGP (prefix -> next hops), as :func:`remote_route` makes them."""
-    connected = list(connected)
+    connected = tuple(connected)
     own = {str(b) for b in own_blocks}
     return {route for prefix, next_hops in learned.items()
             if (route := remote_route(prefix, next_hops, connected, own)) is not None}

@@ -56,7 +56,7 @@ class RouteReconciler:
         # What the fast path works against, as of the last full run: the BGP routes in the kernel by prefix,
         # the node's addresses and its own blocks.
         self._remote: dict[str, desired.RouteSpec] = {}
-        self._connected: list[tuple[str, ipaddress.IPv4Interface]] = []
+        self._connected: tuple[tuple[str, ipaddress.IPv4Interface], ...] = ()
         self._own: set[str] = set()
 
     def wake(self) -> None:
@@ -81,7 +81,7 @@ class RouteReconciler:
         local = [desired.LocalWorkload(w.interface, tuple(ipaddress.ip_interface(n).ip
                                                           for n in w.ip_networks)) for w in weps]
         self.stats.workloads = len(local)
-        self._connected, self._own = connected, {str(a) for a in affinities}
+        self._connected, self._own = tuple(connected), {str(a) for a in affinities}
         return (desired.desired_routes(local, affinities, existing)
                 | desired.remote_routes(self.learned(), connected, affinities))
 
@@ -122,7 +122,7 @@ class RouteReconciler:
             elif have is not None:
                 remove.append(have)
         self.stats.fast_runs += 1
-        return await self._apply(desired.RouteDiff(add=tuple(sorted(add)), remove=tuple(sorted(remove))))
+        return await self._apply(desired.RouteDiff(add=tuple(add), remove=tuple(remove)))  # unsorted: bursts
 
     async def _apply(self, diff: desired.RouteDiff) -> int:
         errors = await self.netlink.run(lambda ipr: routes.apply(ipr, diff)) if not diff.empty else []

@@ -77,7 +77,7 @@ BATCH_THRESHOLD = 32  # beyond this many changes, one `ip -batch` beats a netlin
 
 def ip_command(verb: str, spec: RouteSpec) -> str:
     """The ``ip route`` line for a spec (for ``ip -batch``)."""
-    family = "-6 " if spec.network.version == 6 else ""
+    family = "-6 " if ":" in spec.dst else ""
     if spec.kind == "blackhole":
         return f"{family}route {verb} blackhole {spec.dst} proto {ROUTE_PROTO}"
     if spec.nexthops:

@@ -22,7 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bgpd.speaker.peers import ORIGINS, BGPPath, PeerSpec, looped, multipath, reflections, render_exabgp
+from bgpd.speaker.peers import (
+    ORIGINS,
+    BGPPath,
+    PeerSpec,
+    canonical_prefix,
+    looped,
+    multipath,
+    reflections,
+    render_exabgp,
+)
 from bgpd.unixsock import bind_abstract
 
 log = logging.getLogger("calico-py-node.bgp")
@@ -136,6 +145,8 @@ class ExaBGP:
             config = self._write_config()
             env = {**os.environ, "exabgp_daemon_user": "root", "exabgp_daemon_daemonize": "false",
                    "exabgp_api_ack": "false", "exabgp_api_cli": "false", "exabgp_log_destination": "stdout",
+                   # Unicast NLRI as plain strings, not {"nlri": ...} objects: less to encode and to parse.
+                   "exabgp_api_compact": "true",
                    "exabgp_tcp_bind": self.router_id, "exabgp_tcp_port": "179"}
             started = time.monotonic()
             with open(self.state_dir / "exabgp.log", "ab") as out:
@@ -426,11 +437,9 @@ def _as_path(value: Any) -> tuple[int, ...]:
 
 
 def _prefix(entry: Any) -> str | None:
-    nlri = entry.get("nlri") if isinstance(entry, dict) else None
-    try:
-        return str(ipaddress.IPv4Network(nlri))
-    except (ValueError, TypeError):
-        return None
+    """An NLRI as ExaBGP gives it: a plain string (``exabgp.api.compact``) or ``{"nlri": ...}``."""
+    nlri = entry.get("nlri") if isinstance(entry, dict) else entry
+    return canonical_prefix(nlri) if isinstance(nlri, str) else None
 
 
 def _address(text: Any) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,10 +141,55 @@ def announcements(affine_blocks: Iterable[IPNetwork], pools: Iterable[IPPool],
     return routes
 
 
+def parse_prefix(text: str, family: int = socket.AF_INET) -> tuple[int, int] | None:
+    """(address as an integer, prefix length) of a network in canonical or plain text; None if it is not one
+    (host bits set included). inet_pton instead of ipaddress: a burst of 10,000 routes is parsed in
+    milliseconds, not a tenth of a second."""
+    address, slash, length = text.partition("/")
+    bits = 32 if family == socket.AF_INET else 128
+    try:
+        value = int.from_bytes(socket.inet_pton(family, address), "big")
+        prefixlen = int(length) if slash else bits
+    except (OSError, ValueError, TypeError):
+        return None
+    if not 0 <= prefixlen <= bits or value & ((1 << (bits - prefixlen)) - 1):
+        return None
+    return value, prefixlen
+
+
+def canonical_prefix(text: str) -> str | None:
+    """An IPv4 network's canonical text, or None if ``text`` is not one."""
+    parsed = parse_prefix(text)
+    if parsed is None:
+        return None
+    return f"{socket.inet_ntop(socket.AF_INET, parsed[0].to_bytes(4, 'big'))}/{parsed[1]}"
+
+
+class PoolFilter:
+    """The import filter: only prefixes inside a pool are accepted (a peer cannot inject 0.0.0.0/0 or a node
+    address); a pool's own CIDR only when the pool is one block. Pools are kept as integers, so a burst of
+    routes costs an integer comparison per pool each."""
+
+    def __init__(self, pools: Iterable[IPPool]) -> None:
+        self._pools = [(p.cidr.version, int(p.cidr.network_address), p.cidr.prefixlen, p.block_size) for p in pools]
+
+    def __call__(self, prefix: str) -> bool:
+        version = 6 if ":" in prefix else 4
+        parsed = parse_prefix(prefix, socket.AF_INET6 if version == 6 else socket.AF_INET)
+        if parsed is None:
+            return False
+        value, prefixlen = parsed
+        bits = 32 if version == 4 else 128
+        for pool_version, network, pool_len, block_size in self._pools:
+            if (pool_version == version and prefixlen >= pool_len
+                    and value >> (bits - pool_len) == network >> (bits - pool_len)
+                    and (prefixlen > pool_len or block_size == pool_len)):
+                return True
+        return False
+
+
 def accepted(prefix: IPNetwork, pools: Iterable[IPPool]) -> bool:
-    """Only prefixes inside a pool are accepted: a peer cannot inject 0.0.0.0/0 or a node address."""
-    return any(prefix.version == p.cidr.version and prefix.subnet_of(p.cidr) and prefix != p.cidr  # type: ignore[arg-type]
-               for p in pools) or any(prefix == p.cidr and p.block_size == p.cidr.prefixlen for p in pools)
+    return PoolFilter(pools)(str(prefix))
 
 
 def render_exabgp(router_id: str, peers: Iterable[PeerSpec], relay: list[str], graceful_restart: int = 120) -> str:
@@ -215,8 +261,8 @@ def best_path(paths: Mapping[str, BGPPath]) -> tuple[str, BGPPath]:
 def multipath(paths: Mapping[str, BGPPath]) -> tuple[str, ...]:
     """The next hops to forward a prefix to: every distinct next hop among the paths of the best rank (ECMP),
     sorted; empty when there is no path."""
-    if not paths:
-        return ()
+    if len(paths) <= 1:
+        return tuple(p.next_hop for p in paths.values())
     best = best_path(paths)[1].rank
     return tuple(sorted({p.next_hop for p in paths.values() if p.rank == best}, key=ipaddress.ip_address))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bgpd.speaker.exabgp import ExaBGP, PeerStatus
-from bgpd.speaker.peers import MESH_PASSWORD, NodeInfo, accepted, announcements, desired_peers, secret_ref
+from bgpd.speaker.peers import MESH_PASSWORD, NodeInfo, PoolFilter, announcements, desired_peers, secret_ref
 from ipam import keys
 from ipam.datastore import Datastore
 from ipam.model import BlockAffinity, IPPool
@@ -67,8 +67,9 @@ class BGPSync:
 
     def _accepted(self, routes: dict[str, tuple[str, ...]], keep_rejected: bool = False) -> dict[str, tuple[str, ...]]:
         out = {}
+        accept = PoolFilter(self.pools)
         for prefix, next_hops in routes.items():
-            if accepted(ipaddress.ip_network(prefix), self.pools):
+            if accept(prefix):
                 out[prefix] = next_hops
             else:
                 log.debug("bgp route %s via %s outside every pool: ignored", prefix, ",".join(next_hops))

@@ -18,6 +18,7 @@ from bgpd.speaker.peers import (
     accepted,
     announcements,
     best_path,
+    canonical_prefix,
     desired_peers,
     looped,
     multipath,
@@ -202,9 +203,11 @@ def test_best_path_and_equal_cost_multipath() -> None:
     also_short = BGPPath("10.0.0.13", as_path=(65002,))
     longer = BGPPath("10.0.0.14", as_path=(65003, 65004))
     assert multipath({"10.0.0.2": short, "10.0.0.3": also_short, "10.0.0.4": longer}) == ("10.0.0.12", "10.0.0.13")
-    assert multipath({"10.0.0.4": longer, "10.0.0.5": BGPPath("10.0.0.15", as_path=(1, 2), local_pref=200)}) == ("10.0.0.15",)
+    preferred = BGPPath("10.0.0.15", as_path=(1, 2), local_pref=200)
+    assert multipath({"10.0.0.4": longer, "10.0.0.5": preferred}) == ("10.0.0.15",)
     assert multipath({"10.0.0.2": short, "10.0.0.3": BGPPath("10.0.0.13", as_path=(65002,), med=10)}) == ("10.0.0.12",)
-    assert multipath({"10.0.0.2": short, "10.0.0.3": BGPPath("10.0.0.12", as_path=(65009,))}) == ("10.0.0.12",)  # one hop
+    same_hop = BGPPath("10.0.0.12", as_path=(65009,))
+    assert multipath({"10.0.0.2": short, "10.0.0.3": same_hop}) == ("10.0.0.12",)  # one next hop, once
     assert multipath({}) == ()
     assert best_path({"10.0.0.9": short, "10.0.0.1": also_short})[0] == "10.0.0.1"  # tie: lowest peer
 
@@ -230,3 +233,15 @@ def test_learned_changes_cost_only_what_changed_and_carry_attributes(tmp_path: P
     speaker._handle(json.dumps({"type": "state", "neighbor": {"address": {"peer": "10.0.0.13"},
                                                               "state": "down"}}).encode())
     assert speaker.learned_changes() == {"10.244.9.0/26": ("10.0.0.12",)}
+
+
+def test_prefix_parsing_is_strict_and_canonical() -> None:
+    assert canonical_prefix("10.244.1.0/26") == "10.244.1.0/26"
+    assert canonical_prefix("10.244.1.7/32") == "10.244.1.7/32"
+    for bad in ("10.244.1.1/26", "10.244.1.0/33", "10.244.1.0/-1", "bogus", "10.244.1/24", "", "10.0.0.0/x"):
+        assert canonical_prefix(bad) is None, bad
+    pools = [IPPool("v6", ipaddress.ip_network("fd00:10::/48"), 122),
+             IPPool("single", ipaddress.ip_network("10.96.0.0/26"), 26)]
+    assert accepted(ipaddress.ip_network("fd00:10::40/122"), pools)
+    assert not accepted(ipaddress.ip_network("fd00:11::/122"), pools)
+    assert accepted(ipaddress.ip_network("10.96.0.0/26"), pools)  # a one-block pool's own CIDR

@@ -54,7 +54,7 @@ class Config:
     etcd: EtcdConfig
     default_pool: dict[str, Any] | None  # a v3 IPPool document, or None with NO_DEFAULT_POOLS
     networking_backend: str
-    mtu: int
+    mtu: int | None  # None: the underlay's MTU minus the encapsulation's overhead
     reconcile_interval: float
     log_level: str
     labels: dict[str, str] = field(default_factory=dict)
@@ -82,7 +82,7 @@ class Config:
         return cls(
             nodename=nodename, ip=ip, ip_autodetection_method=method, as_number=as_number,
             etcd=EtcdConfig.from_env(env), default_pool=default_pool(env), networking_backend=backend,
-            mtu=_int(env, "CALICO_MTU", 1500, 576, 65535),
+            mtu=_int(env, "CALICO_MTU", 0, 576, 65535) or None,
             reconcile_interval=float(_int(env, "CALICO_RECONCILE_INTERVAL", 60, 1, 86400)),
             log_level=env.get("LOG_LEVEL", "info"),
             labels=dict(item.split("=", 1) for item in env.get("CALICO_NODE_LABELS", "").split(",") if "=" in item),

@@ -25,11 +25,13 @@ from bgpd.autodetect import detect
 from bgpd.cni.handler import CNIHandler, Netlink
 from bgpd.cni.server import CNIServer
 from bgpd.config import Config, ConfigError
+from bgpd.overlay import NODES, POOLS, Overlay, interface_mtu, watch
 from bgpd.reconciler import RouteReconciler
 from bgpd.resources import node_resource, register_node
 from bgpd.speaker.exabgp import ExaBGP
 from bgpd.speaker.sync import BGPSync
 from bgpd.status import StatusServer
+from ipam import keys
 from ipam.allocator import IPAM
 from ipam.datastore import Datastore
 from ipam.errors import IPAMError, ResourceExists
@@ -85,8 +87,12 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None) -> None:
                                                  existing.json() if existing else None, config.rr_cluster_id))
         await ensure_default_pool(store, config)
         netlink = Netlink()
+        ipam = IPAM(store)
+        underlay_mtu = interface_mtu(address)
+        overlay = Overlay(store, ipam, netlink, config.nodename, address, config.networking_backend, underlay_mtu,
+                          config.mtu) if config.networking_backend != "none" else None
         bgp: BGPSync | None = None
-        reconciler = RouteReconciler(store, netlink, config.nodename, config.reconcile_interval,
+        reconciler = RouteReconciler(store, netlink, config.nodename, config.reconcile_interval, overlay=overlay,
                                      learned=lambda: bgp.learned() if bgp else {},
                                      learned_changes=lambda: bgp.learned_changes() if bgp else {},
                                      bgp_converged=lambda: bgp.speaker.converged if bgp else True)
@@ -102,7 +108,8 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None) -> None:
             if bgp:
                 bgp.wake()
 
-        handler = CNIHandler(IPAM(store), config.nodename, netlink, config.mtu, changed=changed)
+        handler = CNIHandler(ipam, config.nodename, netlink,
+                             lambda: overlay.pod_mtu if overlay else config.mtu or underlay_mtu, changed=changed)
         server = CNIServer(handler.handle)
         await server.start()
         started = time.monotonic()
@@ -124,11 +131,15 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None) -> None:
             loop.add_signal_handler(sig, stop.set)
         reconcile_task = asyncio.create_task(reconciler.run())
         bgp_task = asyncio.create_task(bgp.run()) if bgp else None
+        # Pools, Nodes and blocks drive encapsulation and NAT: a change (a pool's mode applied with calicoctl-py,
+        # a node's new block or VTEP) gets a full reconcile within a second.
+        watch_task = asyncio.create_task(watch(store, [NODES, POOLS, keys.blocks_prefix(4)], reconciler.wake)) \
+            if overlay else None
         await stop.wait()
         log.info("stopping")
         await server.stop()
         await status.stop()
-        for task in (reconcile_task, bgp_task):
+        for task in (reconcile_task, bgp_task, watch_task):
             if task:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from bgpd import desired
 from bgpd.cni.handler import Netlink
 from bgpd.dataplane import routes
+from bgpd.encap import merge_routes
+from bgpd.overlay import Overlay
 from bgpd.resources import list_node_weps
 from ipam import keys
 from ipam.datastore import Datastore
@@ -42,8 +44,9 @@ class RouteReconciler:
 
     def __init__(self, store: Datastore, netlink: Netlink, node: str, interval: float,
                  learned: Callable[[], Learned] = dict, learned_changes: Callable[[], Learned] = dict,
-                 bgp_converged: Callable[[], bool] = lambda: True) -> None:
+                 bgp_converged: Callable[[], bool] = lambda: True, overlay: Overlay | None = None) -> None:
         self.learned = learned
+        self.overlay = overlay  # encapsulation and NAT: routes to other nodes from the datastore
         self.learned_changes = learned_changes
         self.bgp_converged = bgp_converged
         self.store = store
@@ -58,6 +61,8 @@ class RouteReconciler:
         self._remote: dict[str, desired.RouteSpec] = {}
         self._connected: tuple[tuple[str, ipaddress.IPv4Interface], ...] = ()
         self._own: set[str] = set()
+        self._encapsulated: set[str] = set()  # prefixes routed by the overlay: BGP's routes to them are ignored
+        self._periodic = False
 
     def wake(self) -> None:
         """Run a full reconcile soon."""
@@ -82,8 +87,13 @@ class RouteReconciler:
                                                           for n in w.ip_networks)) for w in weps]
         self.stats.workloads = len(local)
         self._connected, self._own = tuple(connected), {str(a) for a in affinities}
-        return (desired.desired_routes(local, affinities, existing)
-                | desired.remote_routes(self.learned(), connected, affinities))
+        encapsulated = await self.overlay.desired(self._connected, self._periodic) if self.overlay else set()
+        self._encapsulated = {r.dst for r in encapsulated}
+        learned = {self._through_tunnel(r) for r in desired.remote_routes(self.learned(), connected, affinities)}
+        return desired.desired_routes(local, affinities, existing) | merge_routes(encapsulated, learned)
+
+    def _through_tunnel(self, route: desired.RouteSpec) -> desired.RouteSpec:
+        return self.overlay.ipip_route(route) if self.overlay else route
 
     async def reconcile_once(self) -> int:
         """A full run: the kernel's routes of ours against everything the node should hold."""
@@ -113,7 +123,10 @@ class RouteReconciler:
         add: list[desired.RouteSpec] = []
         remove: list[desired.RouteSpec] = []
         for prefix, next_hops in self.learned_changes().items():
+            if prefix in self._encapsulated:
+                continue
             want = desired.remote_route(prefix, next_hops, self._connected, self._own)
+            want = self._through_tunnel(want) if want is not None else None
             have = self._remote.pop(prefix, None)
             if want is not None:
                 self._remote[prefix] = want
@@ -149,6 +162,7 @@ class RouteReconciler:
             try:
                 if self._full_wanted or not self.bgp_converged():
                     await self.reconcile_once()
+                    self._periodic = False
                 else:
                     await self.apply_route_changes()
             except Exception:  # the datastore may be away; the next run retries
@@ -158,5 +172,5 @@ class RouteReconciler:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
             except TimeoutError:
-                self._full_wanted = True  # the periodic run that repairs drift
+                self._full_wanted = self._periodic = True  # the periodic run that repairs drift
             self._wake.clear()

@@ -59,12 +59,12 @@ class Netlink:
 
 
 class CNIHandler:
-    def __init__(self, ipam: IPAM, node: str, netlink: Netlink, default_mtu: int,
+    def __init__(self, ipam: IPAM, node: str, netlink: Netlink, default_mtu: Callable[[], int],
                  changed: Callable[[], None] = lambda: None) -> None:
         self.ipam = ipam
         self.node = node
         self.netlink = netlink
-        self.default_mtu = default_mtu
+        self.default_mtu = default_mtu  # the pod MTU when the network config gives none: underlay minus encap
         self.changed = changed  # wakes the reconciler (a new block may need its blackhole)
         self._claimed = 0
 
@@ -148,7 +148,7 @@ class CNIHandler:
     # ------------------------------------------------------------------ main plugin
 
     def _workload(self, request: Request) -> workloads.Workload:
-        mtu = int(request.config.get("mtu") or self.default_mtu)
+        mtu = int(request.config.get("mtu") or self.default_mtu())
         host_if = workloads.host_interface_name(request.pod_namespace, request.pod_name, request.container_id)
         return workloads.Workload(host_if=host_if, pod_if=request.ifname, netns=request.netns, addresses=(),
                                   mtu=mtu, pod_mac=workloads.random_mac())
@@ -250,7 +250,7 @@ class CNIHandler:
             raise CNIError(spec.UNKNOWN_CONTAINER, f"no workload endpoint for container {request.container_id}")
         workload = workloads.Workload(host_if=wep.interface, pod_if=request.ifname, netns=request.netns,
                                       addresses=tuple(ipaddress.ip_interface(n) for n in wep.ip_networks),
-                                      mtu=self.default_mtu)
+                                      mtu=self.default_mtu())
         problems = await self.netlink.run(lambda ipr: workloads.check(ipr, workload))
         if problems:
             raise CNIError(spec.IO_FAILURE, "; ".join(problems))

@@ -1,0 +1,155 @@
+"""Encapsulation and NAT outgoing on a node, kept as the pools want them (called by the full reconcile).
+
+Each run reads pools, Nodes and IPAM blocks in one consistent read, then: takes (or gives back) this node's VXLAN
+tunnel address and records it with the VTEP MAC on its Node resource, keeps ``vxlan.calico`` and its neighbour /
+FDB entries as :func:`bgpd.encap.datastore_routes` computes them, and rewrites our NAT table when it changed.
+The routes are returned to the reconciler, which owns every route of ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import subprocess
+from collections.abc import Callable
+from typing import Any
+
+from bgpd import encap
+from bgpd.cni.handler import Netlink
+from bgpd.dataplane import nat, vxlan
+from bgpd.desired import RouteSpec
+from bgpd.resources import register_node
+from ipam import keys
+from ipam.allocator import IPAM
+from ipam.datastore import Datastore
+from ipam.model import Block, IPPool
+
+log = logging.getLogger("calico-py-node.overlay")
+NODES, POOLS = keys.resource_prefix("nodes"), keys.resource_prefix("ippools")
+
+
+def interface_mtu(address: ipaddress.IPv4Interface | None) -> int:
+    """The MTU of the interface holding the node's address (the underlay), 1500 when unknown."""
+    if address is None:
+        return 1500
+    result = subprocess.run(["ip", "-json", "-4", "addr", "show"], capture_output=True, text=True, timeout=30,
+                            check=False)
+    for link in json.loads(result.stdout or "[]") if result.returncode == 0 else []:
+        if any(a.get("local") == str(address.ip) for a in link.get("addr_info") or []):
+            return int(link.get("mtu") or 1500)
+    return 1500
+
+
+class Overlay:
+    def __init__(self, store: Datastore, ipam: IPAM, netlink: Netlink, node: str,
+                 address: ipaddress.IPv4Interface | None, backend: str, underlay_mtu: int,
+                 mtu_override: int | None) -> None:
+        self.store = store
+        self.ipam = ipam
+        self.netlink = netlink
+        self.node = node
+        self.address = address
+        self.backend = backend
+        self.underlay_mtu = underlay_mtu
+        self.mtu_override = mtu_override
+        self.pools: list[IPPool] = []
+        self.pod_mtu = mtu_override or underlay_mtu
+        self._nat_applied: str | None = None
+
+    def overhead(self) -> int:
+        if encap.vxlan_wanted(self.pools):
+            return encap.VXLAN_OVERHEAD
+        if encap.ipip_wanted(self.pools):
+            return encap.IPIP_OVERHEAD
+        return 0
+
+    async def desired(self, connected: tuple[tuple[str, ipaddress.IPv4Interface], ...], repair: bool
+                      ) -> set[RouteSpec]:
+        """Bring tunnel device, entries and NAT in line; the encapsulated (and, without BGP, plain) routes to
+        other nodes. ``repair`` re-applies NAT even when unchanged (the periodic run)."""
+        snapshot = await self.store.read(prefixes=[NODES, POOLS, keys.blocks_prefix(4)])
+        self.pools = [IPPool.from_v3(kv.json()) for kv in snapshot.prefixes[POOLS]]
+        self.pod_mtu = self.mtu_override or self.underlay_mtu - self.overhead()
+        nodes = {kv.json()["metadata"]["name"]: kv.json() for kv in snapshot.prefixes[NODES]}
+        me = await self._tunnel_endpoint(nodes.get(self.node))
+        await self._vtep_device(me)
+        state = encap.datastore_routes(
+            me, [encap.TunnelNode.from_v3(n) for n in nodes.values()],
+            encap.remote_prefixes(Block.from_json(kv.json()) for kv in snapshot.prefixes[keys.blocks_prefix(4)]),
+            self.pools, connected, plain_too=self.backend != "bird")
+        if me.vxlan_address is not None:
+            for error in await self.netlink.run(lambda ipr: vxlan.apply_entries(ipr, state)):
+                log.warning("vxlan: %s", error)
+        script = nat.render(self.pools)
+        if repair or script != self._nat_applied:
+            try:
+                nat.apply(script)
+                if script != self._nat_applied:
+                    log.info("nat outgoing: %s", ", ".join(str(p.cidr) for p in self.pools if p.nat_outgoing)
+                             or "off")
+                self._nat_applied = script
+            except (nat.NatError, OSError) as exc:
+                log.warning("%s", exc)
+        return state.routes
+
+    def ipip_route(self, route: RouteSpec) -> RouteSpec:
+        """A BGP-learned route through tunl0 when its pool is IPIP and the next hop needs encapsulation."""
+        if route.gateway and encap.ipip_device(route.dst, route.gateway, self.pools, self.address):
+            return RouteSpec(dst=route.dst, device=encap.IPIP_DEVICE, gateway=route.gateway)
+        return route
+
+    async def _tunnel_endpoint(self, resource: dict[str, Any] | None) -> encap.TunnelNode:
+        """This node as a tunnel endpoint: its VXLAN address taken from IPAM (or given back) and recorded."""
+        if resource is None or self.address is None:
+            return encap.TunnelNode(self.node, self.address)
+        current = encap.TunnelNode.from_v3(resource)
+        handle = encap.VXLAN_HANDLE.format(node=self.node)
+        wanted = encap.vxlan_wanted(self.pools)
+        if wanted and current.vxlan_address is None:
+            vxlan_pools = [str(p.cidr) for p in self.pools if p.vxlan_mode != encap.NEVER and p.version == 4]
+            result = await self.ipam.auto_assign(handle, self.node, 1, 0, pools=vxlan_pools, use="Tunnel",
+                                                 attrs={"type": "vxlanTunnelAddress"})
+            address = result.ipv4[0]
+            await self._record(resource, {"ipv4VXLANTunnelAddr": str(address),
+                                          "vxlanTunnelMACAddr": encap.vtep_mac(self.node)})
+            log.info("vxlan tunnel address %s (MAC %s)", address, encap.vtep_mac(self.node))
+            return encap.TunnelNode(self.node, self.address, address, encap.vtep_mac(self.node))
+        if not wanted and current.vxlan_address is not None:
+            await self.ipam.release_by_handle(handle)
+            await self._record(resource, {"ipv4VXLANTunnelAddr": None, "vxlanTunnelMACAddr": None})
+            log.info("vxlan off: tunnel address %s given back", current.vxlan_address)
+            return encap.TunnelNode(self.node, self.address)
+        return current
+
+    async def _record(self, resource: dict[str, Any], fields: dict[str, str | None]) -> None:
+        spec = {k: v for k, v in {**(resource.get("spec") or {}), **fields}.items() if v is not None}
+        await register_node(self.store, {**resource, "spec": spec})
+
+    async def _vtep_device(self, me: encap.TunnelNode) -> None:
+        if me.vxlan_address is None or self.address is None:
+            if await self.netlink.run(vxlan.remove_device):
+                log.info("vxlan: %s removed", encap.VXLAN_DEVICE)
+            return
+        vtep = vxlan.Vtep(local=str(self.address.ip), address=str(me.vxlan_address),
+                          mac=me.vxlan_mac or encap.vtep_mac(self.node),
+                          mtu=self.underlay_mtu - encap.VXLAN_OVERHEAD)
+        if await self.netlink.run(lambda ipr: vxlan.ensure_device(ipr, vtep)):
+            log.info("vxlan: %s up, VTEP %s %s, MTU %d", encap.VXLAN_DEVICE, vtep.address, vtep.mac, vtep.mtu)
+
+
+async def watch(store: Datastore, prefixes: list[str], on_change: Callable[[], None], interval: float = 1.0) -> None:
+    """Call ``on_change`` when anything under ``prefixes`` is created, changed or deleted (polled: one consistent
+    read per ``interval``; an etcd watch would cost less on large clusters)."""
+    last: tuple[tuple[str, int], ...] | None = None
+    while True:
+        try:
+            snapshot = await store.read(prefixes=prefixes)
+            fingerprint = tuple((kv.key, kv.mod_revision) for p in prefixes for kv in snapshot.prefixes[p])
+            if last is not None and fingerprint != last:
+                on_change()
+            last = fingerprint
+        except Exception as exc:  # the datastore may be away: the reconciler reports that; try again later
+            log.debug("watch read failed: %s", exc)
+        await asyncio.sleep(interval)

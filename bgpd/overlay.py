@@ -18,7 +18,7 @@ from typing import Any
 
 from bgpd import encap
 from bgpd.cni.handler import Netlink
-from bgpd.dataplane import nat, vxlan
+from bgpd.dataplane import ipip, nat, vxlan
 from bgpd.desired import RouteSpec
 from bgpd.resources import register_node
 from ipam import keys
@@ -57,6 +57,8 @@ class Overlay:
         self.pools: list[IPPool] = []
         self.pod_mtu = mtu_override or underlay_mtu
         self._nat_applied: str | None = None
+        self.ipip_address: ipaddress.IPv4Address | None = None
+        self.ipip_ready: bool | None = None  # None: not tried yet
 
     def overhead(self) -> int:
         if encap.vxlan_wanted(self.pools):
@@ -75,6 +77,7 @@ class Overlay:
         nodes = {kv.json()["metadata"]["name"]: kv.json() for kv in snapshot.prefixes[NODES]}
         me = await self._tunnel_endpoint(nodes.get(self.node))
         await self._vtep_device(me)
+        await self._ipip_device()
         state = encap.datastore_routes(
             me, [encap.TunnelNode.from_v3(n) for n in nodes.values()],
             encap.remote_prefixes(Block.from_json(kv.json()) for kv in snapshot.prefixes[keys.blocks_prefix(4)]),
@@ -96,36 +99,71 @@ class Overlay:
 
     def ipip_route(self, route: RouteSpec) -> RouteSpec:
         """A BGP-learned route through tunl0 when its pool is IPIP and the next hop needs encapsulation."""
-        if route.gateway and encap.ipip_device(route.dst, route.gateway, self.pools, self.address):
+        if self.ipip_ready and route.gateway and encap.ipip_device(route.dst, route.gateway, self.pools,
+                                                                   self.address):
             return RouteSpec(dst=route.dst, device=encap.IPIP_DEVICE, gateway=route.gateway)
         return route
 
     async def _tunnel_endpoint(self, resource: dict[str, Any] | None) -> encap.TunnelNode:
-        """This node as a tunnel endpoint: its VXLAN address taken from IPAM (or given back) and recorded."""
+        """This node as a tunnel endpoint: its VXLAN (and IPIP) tunnel addresses taken from IPAM, or given back,
+        and recorded on its Node resource as Calico does."""
         if resource is None or self.address is None:
             return encap.TunnelNode(self.node, self.address)
         current = encap.TunnelNode.from_v3(resource)
-        handle = encap.VXLAN_HANDLE.format(node=self.node)
-        wanted = encap.vxlan_wanted(self.pools)
-        if wanted and current.vxlan_address is None:
-            vxlan_pools = [str(p.cidr) for p in self.pools if p.vxlan_mode != encap.NEVER and p.version == 4]
-            result = await self.ipam.auto_assign(handle, self.node, 1, 0, pools=vxlan_pools, use="Tunnel",
-                                                 attrs={"type": "vxlanTunnelAddress"})
-            address = result.ipv4[0]
-            await self._record(resource, {"ipv4VXLANTunnelAddr": str(address),
-                                          "vxlanTunnelMACAddr": encap.vtep_mac(self.node)})
-            log.info("vxlan tunnel address %s (MAC %s)", address, encap.vtep_mac(self.node))
-            return encap.TunnelNode(self.node, self.address, address, encap.vtep_mac(self.node))
-        if not wanted and current.vxlan_address is not None:
-            await self.ipam.release_by_handle(handle)
-            await self._record(resource, {"ipv4VXLANTunnelAddr": None, "vxlanTunnelMACAddr": None})
-            log.info("vxlan off: tunnel address %s given back", current.vxlan_address)
+        vxlan_address = await self._tunnel_address(
+            encap.VXLAN_HANDLE, encap.vxlan_wanted(self.pools), current.vxlan_address,
+            [str(p.cidr) for p in self.pools if p.vxlan_mode != encap.NEVER and p.version == 4], "vxlanTunnelAddress",
+            lambda address: {"ipv4VXLANTunnelAddr": address,
+                             "vxlanTunnelMACAddr": encap.vtep_mac(self.node) if address else None})
+        bgp = (resource.get("spec") or {}).get("bgp") or {}
+        ipip_now = bgp.get("ipv4IPIPTunnelAddr")
+        self.ipip_address = await self._tunnel_address(
+            encap.IPIP_HANDLE, encap.ipip_wanted(self.pools),
+            ipaddress.IPv4Address(ipip_now) if ipip_now else None,
+            [str(p.cidr) for p in self.pools if p.ipip_mode != encap.NEVER and p.version == 4], "ipipTunnelAddress",
+            lambda address: {"bgp": {k: v for k, v in {**bgp, "ipv4IPIPTunnelAddr": address}.items() if v}})
+        if vxlan_address is None:
             return encap.TunnelNode(self.node, self.address)
+        return encap.TunnelNode(self.node, self.address, vxlan_address, encap.vtep_mac(self.node))
+
+    async def _tunnel_address(self, handle_format: str, wanted: bool,
+                              current: ipaddress.IPv4Address | None, pools: list[str], kind: str,
+                              fields: Callable[[str | None], dict[str, Any]]) -> ipaddress.IPv4Address | None:
+        handle = handle_format.format(node=self.node)
+        if wanted and current is None:
+            result = await self.ipam.auto_assign(handle, self.node, 1, 0, pools=pools, use="Tunnel",
+                                                 attrs={"type": kind})
+            address = result.ipv4[0]
+            await self._record(fields(str(address)))
+            log.info("%s %s for this node", kind, address)
+            return address  # type: ignore[return-value]
+        if not wanted and current is not None:
+            await self.ipam.release_by_handle(handle)
+            await self._record(fields(None))
+            log.info("%s %s given back: no pool needs it", kind, current)
+            return None
         return current
 
-    async def _record(self, resource: dict[str, Any], fields: dict[str, str | None]) -> None:
+    async def _record(self, fields: dict[str, Any]) -> None:
+        """Set (None: remove) fields of this node's Node spec, on what is stored now (another field may have
+        just been written)."""
+        kv = await self.store.get(keys.resource_key("nodes", self.node))
+        resource = kv.json() if kv is not None else {}
         spec = {k: v for k, v in {**(resource.get("spec") or {}), **fields}.items() if v is not None}
         await register_node(self.store, {**resource, "spec": spec})
+
+    async def _ipip_device(self) -> None:
+        if self.ipip_address is None:
+            self.ipip_ready = False
+            return
+        tunnel = ipip.Tunnel(str(self.ipip_address), self.underlay_mtu - encap.IPIP_OVERHEAD)
+        try:
+            await self.netlink.run(lambda ipr: ipip.ensure(ipr, tunnel))
+            self.ipip_ready = True
+        except ipip.IPIPUnavailable as exc:
+            if self.ipip_ready is not False:
+                log.warning("%s", exc)
+            self.ipip_ready = False
 
     async def _vtep_device(self, me: encap.TunnelNode) -> None:
         if me.vxlan_address is None or self.address is None:

@@ -3,8 +3,10 @@
 SHELL := /bin/bash
 VENV := .venv
 PYTHON ?= python3
+# gcc and libc6-dev (its libc.a): bgpd/cni/install.py builds the C CNI plugin, statically linked. nftables:
+# NAT outgoing. tcpdump: the encapsulation tests look at the wire.
 DEB_PACKAGES := etcd-server etcd-client iproute2 iputils-ping bird2 frr gobgpd graphviz \
-	containernetworking-plugins iptables
+	containernetworking-plugins iptables gcc libc6-dev nftables tcpdump
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 

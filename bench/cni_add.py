@@ -7,7 +7,11 @@ exit. Ours and the reference are interleaved pod by pod, each pod in its own net
 deleted after, never timed). Prints markdown tables; nothing is asserted. Exits 1 if any ADD or DEL failed (or
 a check found a pod without its address, or something left behind).
 
+Our plugin is installed as a node installs it (bgpd.cni.install): the C shim, or with ``--shim python`` the Python
+fallback; the report says which.
+
 Usage (root): .venv/bin/python bench/cni_add.py [--pods 200] [--warmup 5] [--version-calls 50] [--no-direct]
+              [--shim auto|c|python]
 """
 
 from __future__ import annotations
@@ -29,12 +33,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bgpd.cni.install import Installed, InstallError, Kind, install  # noqa: E402
 from containerlab.lab import Lab  # noqa: E402
 from containerlab.topology import load  # noqa: E402
 
 TOPOLOGY = ROOT / "bench" / "cni-lab.clab.yml"
 DRIVER = ROOT / "bench" / "cni_driver.py"
-SHIM = ROOT / "bgpd" / "cni" / "shim.py"
 NODE = "node1"
 FAST_PYTHON = Path("/usr/bin/python3")
 REF_DIR = Path("/usr/lib/cni")
@@ -59,44 +63,32 @@ def namespaces() -> set[str]:
     return {entry["name"] for entry in json.loads(out or "[]")}
 
 
-def preflight() -> str:
-    """Check what the run needs; returns the fast interpreter's version."""
+def preflight() -> None:
     problems = []
     if os.geteuid() != 0:
         problems.append("run as root (network namespaces)")
-    version = run([str(FAST_PYTHON), "-I", "-S", "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"])
-    if version.returncode != 0 or not version.stdout.startswith("3.11."):
-        problems.append(f"{FAST_PYTHON} must exist and be Python 3.11 (the shim's fast start): "
-                        f"got {(version.stdout or version.stderr).strip() or 'nothing'}")
     for binary in (REF_DIR / "ptp", REF_DIR / "host-local"):
         if not os.access(binary, os.X_OK):
             problems.append(f"{binary} missing: apt-get install containernetworking-plugins")
     if problems:
         raise SystemExit("cni_add: " + "; ".join(problems))
-    return version.stdout.strip()
 
 
-SHEBANG = "#!/usr/bin/python3 -IS\n"
-SPLIT_SHEBANG = "#!/usr/bin/python3 -I -S\n"  # what the shim said before 8a46cba: it never starts on Linux
-
-
-def install_shim(bin_dir: Path) -> str:
-    """Our plugin as a runtime would find it: an executable named calico-py in the CNI bin dir, a copy of the
-    shim. Returns its first line.
-
-    An older shim's ``#!/usr/bin/python3 -I -S`` does not start: the kernel hands everything after the
-    interpreter path to it as ONE argument, "-I -S", and python3 stops at the space ("Unknown option: - ",
-    exit 2, nothing on stdout). Such a copy gets the same two flags as one word, ``-IS``.
-    """
-    text = SHIM.read_text()
-    if text.startswith(SPLIT_SHEBANG):
-        text = SHEBANG + text[len(SPLIT_SHEBANG):]
-    elif not text.startswith(SHEBANG):
-        raise SystemExit(f"cni_add: {SHIM} no longer starts with {SHEBANG.strip()!r}")
-    target = bin_dir / "calico-py"
-    target.write_text(text)
-    target.chmod(0o755)
-    return SHEBANG.strip() if SHIM.read_text().startswith(SHEBANG) else SPLIT_SHEBANG.strip()
+def install_plugin(bin_dir: Path, kind: Kind) -> tuple[Installed, str]:
+    """Our plugins as a runtime finds them, installed as a node installs them: (what went in, its description
+    for the report)."""
+    try:
+        shim = install(bin_dir, python=str(FAST_PYTHON), kind=kind)
+    except InstallError as exc:
+        raise SystemExit(f"cni_add: {exc}") from None
+    if shim.kind == "c":
+        return shim, f"the C shim: bgpd/cni/shim.c built by bgpd.cni.install with `{shim.how}`"
+    version = run([str(FAST_PYTHON), "-I", "-S", "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"])
+    if version.returncode != 0 or not version.stdout.startswith("3.11."):
+        raise SystemExit(f"cni_add: {FAST_PYTHON} must exist and be Python 3.11 (the Python shim's fast start): "
+                         f"got {(version.stdout or version.stderr).strip() or 'nothing'}")
+    return shim, (f"the Python shim: a copy of bgpd/cni/shim.py whose first line is `{shim.how}` "
+                  f"({FAST_PYTHON} {version.stdout.strip()})")
 
 
 def wait_ready(lab: Lab, bin_dir: Path) -> float:
@@ -261,12 +253,12 @@ def fmt(value: float) -> str:
 
 
 def report(args: argparse.Namespace, result: dict[str, Any], bin_dir: Path, data_dir: Path, lab: Lab,
-           ready_s: float, run_s: float, cpu: dict[str, float], shim_python: str, shebang: str) -> None:
+           ready_s: float, run_s: float, cpu: dict[str, float], shim: Installed, shim_text: str) -> None:
     samples = result["samples"]
     node_ns = lab.netns(NODE)
     print(f"# CNI ADD / DEL latency ({datetime.datetime.now().isoformat(timespec='seconds')})\n")
     print(f"- cores (os.cpu_count()): {os.cpu_count()}; kernel {platform.release()}; "
-          f"{FAST_PYTHON} {shim_python} for the shim; code at commit {code_version()}")
+          f"code at commit {code_version()}")
     mix = (f"{args.only} ALONE (diagnostic)" if args.only else
            "ours and the reference interleaved pod by pod (even pods ours first)")
     print(f"- pods: {args.pods} per plugin, one at a time (sequential), {mix}; {args.warmup} warm-up pods per "
@@ -276,8 +268,7 @@ def report(args: argparse.Namespace, result: dict[str, Any], bin_dir: Path, data
     print(f"- daemon ready {ready_s:.1f}s after deploy; timing run (all phases) {run_s:.1f}s wall, CPU used meanwhile: "
           + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in sorted(cpu.items())) + "\n")
     print("How each plugin was invoked (inside the node namespace; env is exactly the CNI_* variables, as env -i):\n")
-    star = "*" if shebang == SPLIT_SHEBANG.strip() else ""
-    print(f"- **calico-py**: `{bin_dir}/calico-py` (copy of bgpd/cni/shim.py, first line `{SHEBANG.strip()}`{star}), "
+    print(f"- **calico-py**: `{bin_dir}/calico-py` ({shim_text}), "
           f"CNI_COMMAND=ADD|DEL CNI_CONTAINERID=cnibench-ours-NNNN CNI_NETNS=/run/netns/cnib-pod-N CNI_IFNAME=eth0 "
           f"CNI_ARGS=\"K8S_POD_NAMESPACE=bench;K8S_POD_NAME=pod-N\" CNI_PATH={bin_dir}; stdin "
           f"`{json.dumps(OURS_CONFIG)}`; the shim forwards to calico-py-node on @calico-py-cni (etcd "
@@ -287,9 +278,6 @@ def report(args: argparse.Namespace, result: dict[str, Any], bin_dir: Path, data
           f"`{REF_DIR}/ptp`, CNI_CONTAINERID=cnibench-ref-NNNN CNI_NETNS=/run/netns/cnib-ref-N CNI_IFNAME=eth0 "
           f"CNI_ARGS=\"IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME=pod-N;K8S_POD_INFRA_CONTAINER_ID=...\" "
           f"CNI_PATH={REF_DIR}; stdin `{json.dumps(ref_config(data_dir))}` (ptp execs host-local from CNI_PATH)")
-    if star:
-        print("\n\\* the shim's own `#!/usr/bin/python3 -I -S` does not run on Linux (the kernel passes \"-I -S\" as "
-              "one argument; python3: \"Unknown option: - \", exit 2), so the copy says `-IS`: the same flags.")
     print()
 
     ours, ref = samples.get("main:ours", {}), samples.get("main:ref", {})
@@ -320,7 +308,8 @@ def report(args: argparse.Namespace, result: dict[str, Any], bin_dir: Path, data
         print()
 
     extra = []
-    for key, label in (("version:ours", "calico-py VERSION (shim only: interpreter start + exit)"),
+    start = "process start" if shim.kind == "c" else "interpreter start"
+    for key, label in (("version:ours", f"calico-py VERSION ({shim.name} only: {start} + exit)"),
                        ("version:ref", "ptp VERSION (Go binary start + exit)")):
         if samples.get(key, {}).get("VERSION"):
             p50, p99 = stats(samples[key]["VERSION"])
@@ -349,10 +338,12 @@ def main() -> int:
     parser.add_argument("--only", choices=("ours", "ref"), help="time one plugin alone (a diagnostic: the "
                         "table then has one row)")
     parser.add_argument("--save-log", metavar="PATH", help="copy the daemon's log here before the lab goes")
+    parser.add_argument("--shim", choices=("auto", "c", "python"), default="auto",
+                        help="which calico-py plugin to install (default auto: the C shim where it builds)")
     args = parser.parse_args()
     if args.pods < 1:
         parser.error("--pods must be at least 1")
-    shim_python = preflight()
+    preflight()
     stale = sorted(n for n in namespaces() if n.startswith(NS_PREFIX))
     if stale:
         print(f"cni_add: deleting {len(stale)} namespaces left by an earlier run ({stale[0]}, ...)", file=sys.stderr)
@@ -363,7 +354,11 @@ def main() -> int:
     bin_dir, data_dir = work / "bin", work / "host-local"
     bin_dir.mkdir()
     data_dir.mkdir()
-    shebang = install_shim(bin_dir)
+    try:
+        shim, shim_text = install_plugin(bin_dir, args.shim)
+    except SystemExit:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     lab = Lab(load(TOPOLOGY))
     created: list[str] = []
     failed = False
@@ -387,7 +382,7 @@ def main() -> int:
             print(f"cni_add: the driver exited {driver.returncode}", file=sys.stderr)
             return 1
         result = json.loads(driver.stdout)
-        report(args, result, bin_dir, data_dir, lab, ready_s, run_s, cpu, shim_python, shebang)
+        report(args, result, bin_dir, data_dir, lab, ready_s, run_s, cpu, shim, shim_text)
         left = leftovers(lab, data_dir, node_links)
         notable, counts = daemon_log_lines(lab)
         print(f"Daemon log: {counts['cni ADD']} `cni ADD` and {counts['cni DEL']} `cni DEL` lines, "

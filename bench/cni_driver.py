@@ -48,14 +48,13 @@ def invoke(plugin: dict[str, Any], env: dict[str, str]) -> tuple[float, int, str
 
 def direct(plugin: dict[str, Any], env: dict[str, str]) -> tuple[float, int, str, str]:
     """The shim's request, written to the daemon's socket by this process: (seconds, exit code, stdout, error)."""
+    stdin = plugin["stdin"].encode()
     start = time.perf_counter()
     try:
-        raw = exchange(plugin["plugin"], env, plugin["stdin"])
-        elapsed = time.perf_counter() - start
-        answer = json.loads(raw)
-        return elapsed, int(answer["exit"]), str(answer["stdout"]), ""
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        code, stdout = exchange(plugin["plugin"], env, stdin)
+    except (OSError, ValueError) as exc:
         return time.perf_counter() - start, -1, "", f"{type(exc).__name__}: {exc}"
+    return time.perf_counter() - start, code, stdout.decode(errors="replace"), ""
 
 
 def environment(plugin: dict[str, Any], command: str, pod: dict[str, str] | None) -> dict[str, str]:

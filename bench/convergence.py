@@ -5,10 +5,11 @@ shape (bench/bgp/bird-mesh3.clab.yml), both labs deployed side by side in ONE ru
 Ours, one repetition k:
   A fresh block every time, without deleting anything: before the repetitions, ONE calicoctl-py apply (one etcd
   transaction) creates pools ``bench-rep-K`` = 10.101.K.0/24 (blockSize 26, enabled, nodeSelector all()). Pod k
-  is created on node1 through the CNI plugin (the shim, as a runtime runs it: ``ip netns exec <node1> calico-py``
-  with CNI_* and the config on stdin) with ``"ipam": {"ipv4_pools": ["bench-rep-K"]}``, so its ADD claims the
-  first block of a pool nobody has used: the path measured is claim -> affinity in etcd -> node1's daemon
-  announces the block over ExaBGP -> node2's and node3's daemons install it (proto 80).
+  is created on node1 through the CNI plugin (installed by bgpd.cni.install; run as a runtime runs it:
+  ``ip netns exec <node1> calico-py`` with CNI_* and the config on stdin) with
+  ``"ipam": {"ipv4_pools": ["bench-rep-K"]}``, so its ADD claims the first block of a pool nobody has used: the
+  path measured is claim -> affinity in etcd -> node1's daemon announces the block over ExaBGP -> node2's and
+  node3's daemons install it (proto 80).
   t0 = just before the plugin is spawned; end = the later of the two moments the block's route appears in
   node2's and node3's kernels.
 Anchor, one repetition k:
@@ -62,6 +63,7 @@ from typing import IO
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bgpd.cni.install import install  # noqa: E402
 from containerlab.lab import Lab  # noqa: E402
 from containerlab.topology import load  # noqa: E402
 
@@ -69,7 +71,6 @@ MESH3 = ROOT / "containerlab" / "topologies" / "mesh3.clab.yml"
 BGP_DIR = ROOT / "bench" / "bgp"
 BIRD_TOPOLOGY = "bird-mesh3.clab.yml"
 BIRD_BLOCKS = "blocks-node1.conf"
-SHIM = ROOT / "bgpd" / "cni" / "shim.py"
 CLI = Path(sys.executable).parent / "calicoctl-py"
 SOURCE, RECEIVERS = "node1", ("node2", "node3")
 BLOCK_SIZE = 26
@@ -259,13 +260,6 @@ def bird_established(lab: Lab, node: str) -> int:
     return sum(1 for line in out.splitlines() if " BGP " in line and "Established" in line)
 
 
-def install_shim(bin_dir: Path) -> Path:
-    target = bin_dir / "calico-py"
-    shutil.copyfile(SHIM, target)
-    target.chmod(0o755)
-    return target
-
-
 # ---------------------------------------------------------------------------------------------- the two paths
 
 
@@ -290,7 +284,8 @@ def pools_document(reps: int) -> str:
 class Ours:
     def __init__(self, lab: Lab, bin_dir: Path, monitors: dict[str, RouteMonitor]) -> None:
         self.lab = lab
-        self.plugin = install_shim(bin_dir)
+        self.installed = install(bin_dir)
+        self.plugin = self.installed.paths[0]
         self.bin_dir = bin_dir
         self.monitors = monitors
 
@@ -377,7 +372,7 @@ def ms(seconds: float) -> str:
 
 
 def report(ours: list[Sample], bird: list[Sample], warm: tuple[Sample, Sample], announced: dict[str, float],
-           seconds: float, started: str, host_before: str, version: str) -> str:
+           seconds: float, started: str, host_before: str, version: str, plugin: str) -> str:
     ours_total, bird_total = [s.total for s in ours], [s.total for s in bird]
     o50, o99, b50, b99 = (statistics.median(ours_total), pctl(ours_total, 99), statistics.median(bird_total),
                           pctl(bird_total, 99))
@@ -397,7 +392,7 @@ def report(ours: list[Sample], bird: list[Sample], warm: tuple[Sample, Sample], 
         "",
         "| step | p50 ms | p99 ms |",
         "|---|---|---|",
-        f"| CNI ADD returned | {ms(statistics.median([s.step for s in ours]))} | "
+        f"| CNI ADD returned (the {plugin}) | {ms(statistics.median([s.step for s in ours]))} | "
         f"{ms(pctl([s.step for s in ours], 99))} |",
     ]
     announce = [announced[s.prefix] - s.t0 for s in ours if s.prefix in announced]
@@ -496,7 +491,7 @@ def main() -> int:
                 print(f"convergence: destroying {lab.topology.name}: {exc}", file=sys.stderr)
         shutil.rmtree(work, ignore_errors=True)
     print(report(ours_samples, bird_samples, warm, announced, time.monotonic() - started, started_wall, host_before,
-                 version))
+                 version, str(ours.installed)))
     return 0
 
 

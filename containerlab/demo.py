@@ -7,19 +7,18 @@ Pods are network namespaces named ``clab-<lab>-pod-<node>-<n>``; `destroy` remov
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bgpd.cni.install import install
 from containerlab import netns
 from containerlab.images import spec_for
 from containerlab.lab import Lab
 from containerlab.netns import LabError
 
-SHIM = Path(__file__).resolve().parent.parent / "bgpd" / "cni" / "shim.py"
 CLI = Path(sys.executable).parent / "calicoctl-py"
 CONF = {"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "calico-py", "ipam": {"type": "calico-py-ipam"}}
 
@@ -84,11 +83,10 @@ def run(lab: Lab, pods_per_node: int = 2) -> int:
     wait_ready(lab, nodes)
     with tempfile.TemporaryDirectory(prefix="calico-py-demo-") as tmp:
         bin_dir = Path(tmp)
-        shutil.copyfile(SHIM, bin_dir / "calico-py")
-        (bin_dir / "calico-py").chmod(0o755)
+        plugin = install(bin_dir)
         pods = [(node, *add_pod(lab, bin_dir, node, i)) for node in nodes for i in range(1, pods_per_node + 1)]
     wait_sessions(lab, nodes)
-    print(f"\n{len(pods)} pods created through the CNI plugin:")
+    print(f"\n{len(pods)} pods created through the CNI plugin, the {plugin}:")
     for node, pod_ns, address in pods:
         print(f"  {pod_ns:32} on {node:8} {address}")
     for node in nodes:

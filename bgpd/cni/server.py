@@ -8,10 +8,10 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from bgpd.cni import spec
+from bgpd.cni.shim import SOCKET, decode_request, encode_response
 from bgpd.unixsock import bind_abstract, peer_uid
 
 log = logging.getLogger("calico-py-node.cni")
-SOCKET = "\0calico-py-cni"
 MAX_REQUEST = 4 * 1024 * 1024
 Handler = Callable[[str, dict[str, str], str], Awaitable[tuple[int, str]]]
 
@@ -40,14 +40,13 @@ class CNIServer:
             else:
                 raw = await reader.read()  # the shim half-closes after its request
                 try:
-                    request = json.loads(raw)
-                    plugin, env, stdin = str(request["plugin"]), dict(request["env"]), str(request["stdin"])
-                except (ValueError, KeyError, TypeError):
+                    plugin, env, stdin = decode_request(raw)
+                except ValueError:
                     code, out = 1, json.dumps(spec.CNIError(spec.DECODE_FAILURE, "malformed request from the "
                                                             "calico-py shim").to_json()) + "\n"
                 else:
                     code, out = await self.handler(plugin, env, stdin)
-            writer.write(json.dumps({"exit": code, "stdout": out}).encode())
+            writer.write(encode_response(code, out))
             await writer.drain()
         except ConnectionError:
             log.warning("cni caller went away before the answer")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_cni import CONF, SHIM, Pods, Runtime, pod_ping
+from tests.e2e.test_cni import CONF, Pods, Runtime, cni_bin_dir, pod_ping
 from tests.labfixture import LabHandle
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="lab tests need root (network namespaces)")
@@ -24,9 +23,7 @@ def place_pods(handle: LabHandle, pods: Pods, tmp_path: Path, nodes: tuple[str, 
     """One pod per node through the CNI shim installed as a runtime has it; node -> (pod netns, address)."""
     bin_dir = tmp_path / "cni-bin"
     if not bin_dir.exists():
-        bin_dir.mkdir()
-        shutil.copyfile(SHIM, bin_dir / "calico-py")
-        (bin_dir / "calico-py").chmod(0o755)
+        cni_bin_dir(bin_dir)
     placed = {}
     for node in nodes:
         ns = pods.new(f"{tag}-{node}")

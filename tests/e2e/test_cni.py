@@ -1,8 +1,8 @@
 """The CNI plugin end to end: the shim invoked as a container runtime invokes it, inside node1 of a mesh3 lab.
 
 Pods are network namespaces of their own (``cnit<pid>-*``, always deleted). The shim is installed the way a node
-installs it (copied into a CNI_PATH directory, executable, run through its ``#!/usr/bin/python3 -IS``
-shebang) and found by the ``type`` of its configuration, as libcni finds plugins. What the kernel holds is read
+installs it (bgpd.cni.install into a CNI_PATH directory: the C shim, and the Python fallback in one test) and
+found by the ``type`` of its configuration, as libcni finds plugins. What the kernel holds is read
 with iproute2 inside node1; what the datastore holds with a small Python program run inside node1 (etcd
 answers only on the lab's management network).
 """
@@ -15,7 +15,6 @@ import ipaddress
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,13 +27,13 @@ from typing import Any
 
 import pytest
 
+from bgpd.cni.install import Kind, install
 from containerlab.netns import Process
 from tests.labfixture import LabHandle
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="lab tests need root (network namespaces)"),
               pytest.mark.slow]
 
-SHIM = Path(__file__).resolve().parents[2] / "bgpd" / "cni" / "shim.py"
 PORTMAP = Path("/usr/lib/cni/portmap")
 NODE = "node1"
 NETWORK = "k8s-pod-network"
@@ -269,18 +268,18 @@ def mesh(lab: Callable[..., LabHandle]) -> LabHandle:
     return handle
 
 
-@pytest.fixture
-def runtime(mesh: LabHandle, tmp_path: Path) -> Runtime:
-    """A CNI_PATH directory as a node has it: the shim installed as calico-py and calico-py-ipam, and the
-    reference plugins next to it."""
-    bin_dir = tmp_path / "cni-bin"
-    bin_dir.mkdir()
-    for name in ("calico-py", "calico-py-ipam"):
-        shutil.copyfile(SHIM, bin_dir / name)
-        (bin_dir / name).chmod(0o755)
+def cni_bin_dir(bin_dir: Path, kind: Kind = "c") -> Path:
+    """A CNI_PATH directory as a node has it: calico-py and calico-py-ipam installed by bgpd.cni.install (the C
+    shim unless told otherwise: InstallError if it cannot be built), and the reference plugins next to them."""
+    install(bin_dir, kind=kind)
     if PORTMAP.exists():
         (bin_dir / "portmap").symlink_to(PORTMAP)
-    return Runtime(mesh, bin_dir)
+    return bin_dir
+
+
+@pytest.fixture
+def runtime(mesh: LabHandle, tmp_path: Path) -> Runtime:
+    return Runtime(mesh, cni_bin_dir(tmp_path / "cni-bin"))
 
 
 def assert_nothing_left(handle: LabHandle, container_ids: list[str] | None = None) -> dict[str, Any]:
@@ -577,4 +576,23 @@ def test_status_version_and_gc_of_attachments_the_runtime_no_longer_has(mesh: La
     handles = ipam_state(mesh)["handles"]
     assert any(h.endswith(".gckept") for h in handles) and not any(h.endswith(".gcgone") for h in handles)
     assert runtime.delete("gckept", kept, pod="kept").rc == 0
+    assert_nothing_left(mesh)
+
+
+def test_the_python_fallback_shim_adds_checks_and_deletes(mesh: LabHandle, pods: Pods, tmp_path: Path) -> None:
+    runtime = Runtime(mesh, cni_bin_dir(tmp_path / "cni-bin-python", kind="python"))
+    assert (runtime.bin_dir / "calico-py").read_bytes().startswith(b"#!/usr/bin/python3 -IS\n")
+    version = runtime.call("VERSION", CONF, "x", None)
+    assert version.rc == 0 and "1.1.0" in version.json["supportedVersions"], version
+    ns = pods.new("py")
+    added = runtime.add("ctr-py", ns, pod="pod-py")
+    assert added.rc == 0, added
+    address = added.json["ips"][0]["address"].split("/")[0]
+    pod_addrs = [a["local"] for a in json.loads(in_ns(ns, "ip", "-j", "addr", "show", "dev", "eth0").stdout)[0]
+                 ["addr_info"] if a["family"] == "inet"]
+    assert pod_addrs == [address]
+    checked = runtime.check("ctr-py", ns, added.json, pod="pod-py")
+    assert checked.rc == 0 and checked.stdout.strip() == "", checked
+    deleted = runtime.delete("ctr-py", ns, added.json, pod="pod-py")
+    assert deleted.rc == 0 and deleted.stdout.strip() == "", deleted
     assert_nothing_left(mesh)

@@ -36,6 +36,7 @@ from bgpd.unixsock import bind_abstract
 
 log = logging.getLogger("calico-py-node.bgp")
 API_SOCKET = "\0calico-py-exabgp"
+API_READY_TIMEOUT = 10.0  # seconds a reload waits for a starting ExaBGP before signalling it anyway
 
 
 @dataclass
@@ -65,6 +66,7 @@ class ExaBGP:
         self._writer: asyncio.StreamWriter | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._config_changed = asyncio.Event()
+        self._api_ready = asyncio.Event()  # the running ExaBGP has connected to our API socket
         self._server: asyncio.AbstractServer | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
@@ -149,6 +151,7 @@ class ExaBGP:
                    "exabgp_api_compact": "true",
                    "exabgp_tcp_bind": self.router_id, "exabgp_tcp_port": "179"}
             started = time.monotonic()
+            self._api_ready.clear()
             with open(self.state_dir / "exabgp.log", "ab") as out:
                 self._process = await asyncio.create_subprocess_exec(
                     self.exabgp, "server", str(config), stdout=out, stderr=asyncio.subprocess.STDOUT, env=env,
@@ -161,6 +164,14 @@ class ExaBGP:
                 done, _ = await asyncio.wait({waiter, changed}, return_when=asyncio.FIRST_COMPLETED)
                 if waiter in done:
                     changed.cancel()
+                    break
+                # A SIGUSR1 that reaches ExaBGP while it is still starting is lost (its reactor is not running
+                # yet), and the peer added by it would never be configured: wait until ExaBGP has started our
+                # API process, which it does from its running reactor.
+                ready = asyncio.create_task(self._api_ready.wait())
+                await asyncio.wait({waiter, ready}, timeout=API_READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+                ready.cancel()
+                if waiter.done():
                     break
                 self._write_config()
                 self.reloads += 1
@@ -295,6 +306,7 @@ class ExaBGP:
 
     async def _api(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
+        self._api_ready.set()
         self.announced = set()  # a new ExaBGP knows nothing yet
         self.reflected = {}
         await self.set_announcements(self.wanted)

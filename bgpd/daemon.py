@@ -131,9 +131,11 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None) -> None:
             loop.add_signal_handler(sig, stop.set)
         reconcile_task = asyncio.create_task(reconciler.run())
         bgp_task = asyncio.create_task(bgp.run()) if bgp else None
-        # Pools, Nodes and blocks drive encapsulation and NAT: a change (a pool's mode applied with calicoctl-py,
-        # a node's new block or VTEP) gets a full reconcile within a second.
-        watch_task = asyncio.create_task(watch(store, [NODES, POOLS, keys.blocks_prefix(4)], reconciler.wake)) \
+        # Pools, Nodes and block affinities drive encapsulation and NAT: a change (a pool's mode applied with
+        # calicoctl-py, a node's new block or VTEP) gets a full reconcile within a second. Blocks themselves
+        # change with every allocation anywhere, so they are not watched: an address borrowed by another node
+        # reaches the routes at the next periodic reconcile.
+        watch_task = asyncio.create_task(watch(store, [NODES, POOLS, keys.HOSTS], reconciler.wake)) \
             if overlay else None
         await stop.wait()
         log.info("stopping")

@@ -21,12 +21,19 @@ from bgpd.cni import spec
 from bgpd.cni.spec import CNIError, Request, Result
 from bgpd.dataplane import workloads
 from bgpd.resources import WorkloadEndpoint, delete_wep, list_node_weps, save_wep, wep_key, wep_name
-from ipam.allocator import IPAM
+from ipam.allocator import IPAM, AssignResult, Extra
+from ipam.datastore import Put
 from ipam.errors import DatastoreUnavailable, IPAMError, NoEligiblePool, PoolExhausted
 
 log = logging.getLogger("calico-py-node.cni")
 T = TypeVar("T")
 MAIN, IPAM_PLUGIN = "calico-py", "calico-py-ipam"
+
+
+def with_addresses(workload: workloads.Workload, addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address]
+                   ) -> workloads.Workload:
+    return dataclasses.replace(workload, addresses=tuple(ipaddress.ip_interface(f"{a}/{a.max_prefixlen}")
+                                                         for a in addresses))
 
 
 async def _all(steps: list[Awaitable[Any]]) -> list[Any]:
@@ -120,16 +127,15 @@ class CNIHandler:
         v6 = str(ipam.get("assign_ipv6", "false")).lower() == "true"
         return int(v4), int(v6)
 
-    async def _allocate(self, request: Request) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    async def _allocate(self, request: Request, also: Extra | None = None) -> AssignResult:
         num_v4, num_v6 = self._families(request)
         attrs = {k: v for k, v in (("namespace", request.pod_namespace), ("pod", request.pod_name)) if v}
         pools = (request.config.get("ipam") or {}).get("ipv4_pools")
-        result = await self._datastore(self.ipam.auto_assign(request.handle_id, self.node, num_v4, num_v6,
-                                                              pools=pools, attrs=attrs))
-        return result.addresses
+        return await self._datastore(self.ipam.auto_assign(request.handle_id, self.node, num_v4, num_v6,
+                                                            pools=pools, attrs=attrs, also=also))
 
     async def _ipam_add(self, request: Request) -> dict[str, Any]:
-        addresses = await self._allocate(request)
+        addresses = (await self._allocate(request)).addresses
         result = Result(ips=[(ipaddress.ip_interface(f"{a}/{a.max_prefixlen}"), -1, None) for a in addresses],
                         routes=[("0.0.0.0/0", None)] if any(a.version == 4 for a in addresses) else [])
         body = result.to_json(request.cni_version)
@@ -176,21 +182,32 @@ class CNIHandler:
             orchestrator="k8s" if request.pod_name else "cni")
 
     async def _add(self, request: Request) -> dict[str, Any]:
-        """The datastore and the kernel work side by side: the veth pair is made while IPAM allocates, and the pod
-        side is configured while the endpoint record is written. Only the host route waits for the record: the
-        reconciler keeps the routes of recorded endpoints only, so a route plumbed before its record exists could
-        be taken away by a reconcile running meanwhile."""
+        """The datastore and the kernel work side by side: the veth pair (up, with the pod's routes) is made while
+        IPAM allocates, and the endpoint record is written in IPAM's own transaction (or, for several addresses,
+        while the pod's address is set). Only the host route waits for the record: the reconciler keeps the
+        routes of recorded endpoints only, so a route plumbed before its record exists could be taken away by a
+        reconcile running meanwhile."""
         workload = self._workload(request)
         wep: WorkloadEndpoint | None = None
+
+        def record(addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> list[Put]:
+            nonlocal wep
+            wep = self._wep(request, with_addresses(workload, addresses))
+            return [Put.json(wep.key, wep.to_v3())]
+
         try:
-            index, addresses = await _all([self.netlink.run(lambda ipr: workloads.create_link(ipr, workload)),
-                                           self._allocate(request)])
-            workload = dataclasses.replace(workload, addresses=tuple(
-                ipaddress.ip_interface(f"{a}/{a.max_prefixlen}") for a in addresses))
-            wep = self._wep(request, workload)
-            await _all([self._datastore(save_wep(self.ipam.store, wep)),
-                        self.netlink.run(lambda _: workloads.configure_pod(workload))])
-            await self.netlink.run(lambda ipr: workloads.route_to_pod(ipr, workload, index))
+            families = tuple(v for v, wanted in zip((4, 6), self._families(request), strict=True) if wanted)
+            index, allocation = await _all([
+                self.netlink.run(lambda ipr: workloads.create_link(ipr, workload, families)),
+                self._allocate(request, also=record)])
+            addresses = allocation.addresses
+            workload = with_addresses(workload, addresses)
+            steps = [self.netlink.run(lambda _: workloads.configure_pod(workload))]
+            if not allocation.also_written:
+                wep = self._wep(request, workload)
+                steps.append(self._datastore(save_wep(self.ipam.store, wep)))
+            await _all(steps)
+            await self.netlink.run(lambda _: workloads.route_to_pod(workload, index))
         except BaseException as exc:
             await self._undo(workload, request, wep)
             if isinstance(exc, workloads.NetnsGone):

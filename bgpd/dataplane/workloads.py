@@ -26,6 +26,8 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netns import setns
 
+from bgpd.dataplane import rtnl
+
 ROUTE_PROTO = 80  # the protocol number of every route we own (Felix's); others are never touched
 HOST_MAC = "ee:ee:ee:ee:ee:ee"
 GATEWAY_V4 = "169.254.1.1"
@@ -70,12 +72,12 @@ def random_mac() -> str:
     return ":".join(f"{b:02x}" for b in octets)
 
 
-def in_netns(path: str, work: Callable[[IPRoute], T]) -> T:
-    """Run ``work(ipr)`` with a netlink socket inside the network namespace at ``path``.
-
-    The calling thread enters the namespace and always comes back (``setns`` changes only the calling thread);
-    a socket keeps the namespace it was opened in, so the caller's own sockets are unaffected. Entering in place
-    saves a thread per pod; a thread that could not come back would plumb the wrong namespace, so that is fatal."""
+@contextlib.contextmanager
+def entered(path: str) -> Iterator[None]:
+    """The calling thread inside the network namespace at ``path`` for the block, and always back after it
+    (``setns`` changes only the calling thread; sockets keep the namespace they were opened in). Entering in
+    place saves a thread per pod; a thread that could not come back would plumb the wrong namespace, so that is
+    fatal."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -86,8 +88,7 @@ def in_netns(path: str, work: Callable[[IPRoute], T]) -> T:
     try:
         setns(fd)
         try:
-            with IPRoute() as ipr:
-                return work(ipr)
+            yield
         finally:
             try:
                 setns(home)
@@ -97,6 +98,12 @@ def in_netns(path: str, work: Callable[[IPRoute], T]) -> T:
     finally:
         os.close(fd)
         os.close(home)
+
+
+def in_netns(path: str, work: Callable[[IPRoute], T]) -> T:
+    """Run ``work(ipr)`` with an ``IPRoute`` inside the network namespace at ``path`` (reads: CHECK)."""
+    with entered(path), IPRoute() as ipr:
+        return work(ipr)
 
 
 def _sysctl(path: str, value: str) -> None:
@@ -119,10 +126,11 @@ def _step(what: str) -> Iterator[None]:
         raise PlumbingError(f"{what}: {os.strerror(exc.code) if exc.code else exc}") from None
 
 
-def create_link(ipr: IPRoute, workload: Workload) -> int:
-    """Create the veth pair, both ends up with their MAC and MTU, the pod end moved into the pod's namespace,
-    and proxy ARP on the host end; returns the host end's index. Needs no address, so it can run while IPAM
-    allocates. A leftover host end of an earlier attempt is replaced."""
+def create_link(ipr: IPRoute, workload: Workload, families: tuple[int, ...] = (4,)) -> int:
+    """Create the veth pair, both ends up with their MAC and MTU, the pod end moved into the pod's namespace
+    with its gateway and default routes (``families``: 4 and/or 6), and proxy ARP on the host end; returns the
+    host end's index. Needs no address, so it runs while IPAM allocates. A leftover host end of an earlier
+    attempt is replaced."""
     try:
         pod_fd = os.open(workload.netns, os.O_RDONLY)
     except FileNotFoundError:
@@ -149,47 +157,56 @@ def create_link(ipr: IPRoute, workload: Workload) -> int:
     _sysctl(f"net/ipv4/conf/{name}/proxy_arp", "1")
     _sysctl(f"net/ipv4/neigh/{name}/proxy_delay", "0")
     _sysctl(f"net/ipv4/conf/{name}/forwarding", "1")
+
+    with entered(workload.netns), _step(f"configuring {workload.pod_if} in the pod"):
+        pod_index = _pod_index(workload)
+        batch = rtnl.Batch().link_up(pod_index)
+        if 4 in families:  # a default route needs no address of the pod's own, only the on-link gateway
+            batch.route(f"{GATEWAY_V4}/32", pod_index).route("0.0.0.0/0", pod_index, gateway=GATEWAY_V4)
+        batch.send()
+    return index
+
+
+def _pod_index(workload: Workload) -> int:
+    index = if_index(workload.pod_if)  # the calling thread is inside the pod's namespace
+    if index is None:
+        raise PlumbingError(f"{workload.pod_if} did not appear in {workload.netns}")
     return index
 
 
 def configure_pod(workload: Workload) -> None:
-    """Pod side: the interface up, its /32 (/128), 169.254.1.1 on-link and the default routes."""
-    def pod_side(pod: IPRoute) -> None:
-        pod_index = if_index(workload.pod_if)  # this thread is inside the pod's namespace now
-        if pod_index is None:
-            raise PlumbingError(f"{workload.pod_if} did not appear in {workload.netns}")
-        with _step(f"configuring {workload.pod_if} in the pod"):
-            pod.link("set", index=pod_index, state="up")
-            for address in workload.addresses:
-                pod.addr("add", index=pod_index, address=str(address.ip), prefixlen=address.max_prefixlen)
-            if any(a.version == 4 for a in workload.addresses):
-                pod.route("add", dst=f"{GATEWAY_V4}/32", oif=pod_index, scope=SCOPE_LINK)
-                pod.route("add", dst="0.0.0.0/0", gateway=GATEWAY_V4, oif=pod_index)
-            if any(a.version == 6 for a in workload.addresses):
-                pod.route("add", dst="::/0", gateway=GATEWAY_V6, oif=pod_index, family=10)
-
-    in_netns(workload.netns, pod_side)
+    """Pod side, once IPAM has answered: the pod's /32 (/128), and the IPv6 default route (it needs the link's
+    IPv6 to be up, which it is by now)."""
+    with entered(workload.netns), _step(f"addressing {workload.pod_if} in the pod"):
+        pod_index = _pod_index(workload)
+        batch = rtnl.Batch()
+        for address in workload.addresses:
+            batch.address(pod_index, address.ip)
+        if any(a.version == 6 for a in workload.addresses):
+            batch.route("::/0", pod_index, gateway=GATEWAY_V6)
+        batch.send()
 
 
-def route_to_pod(ipr: IPRoute, workload: Workload, index: int) -> None:
+def route_to_pod(workload: Workload, index: int) -> None:
     """Host side: the /32 (/128) routes to the pod, under our protocol number (and IPv6 neighbour proxying)."""
     name = workload.host_if
     if any(a.version == 6 for a in workload.addresses) and Path(f"/proc/sys/net/ipv6/conf/{name}").exists():
         _sysctl(f"net/ipv6/conf/{name}/accept_ra", "0")
         _sysctl(f"net/ipv6/conf/{name}/proxy_ndp", "1")
         _sysctl(f"net/ipv6/conf/{name}/forwarding", "1")
-    for address in workload.addresses:
-        with _step(f"routing {address.ip} to {workload.host_if}"):
-            ipr.route("replace", dst=f"{address.ip}/{address.max_prefixlen}", oif=index, scope=SCOPE_LINK,
-                      proto=ROUTE_PROTO, family=10 if address.version == 6 else 2)
+    with _step(f"routing {', '.join(str(a.ip) for a in workload.addresses)} to {workload.host_if}"):
+        batch = rtnl.Batch()
+        for address in workload.addresses:
+            batch.route(f"{address.ip}/{address.max_prefixlen}", index, proto=ROUTE_PROTO, replace=True)
+        batch.send()
 
 
 def add(ipr: IPRoute, workload: Workload) -> None:
     """All of the plumbing in one go (the daemon runs the three steps itself, interleaved with the datastore).
     Idempotent only for a clean slate: the caller removes a half-made workload on failure (see :func:`remove`)."""
-    index = create_link(ipr, workload)
+    index = create_link(ipr, workload, tuple(sorted({a.version for a in workload.addresses})))
     configure_pod(workload)
-    route_to_pod(ipr, workload, index)
+    route_to_pod(workload, index)
 
 
 def remove(ipr: IPRoute, host_if: str) -> bool:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -89,6 +90,7 @@ class Phase:
     install: dict[str, Arrival] = field(default_factory=dict)
     withdraw: dict[str, Arrival] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)  # node -> CPU seconds over install + withdraw
+    exabgp: float | None = None  # seconds from t0 to the last UPDATE ExaBGP handed to node1's daemon
     reconciles: int | None = None  # node1's reconcile runs over the phase
     log_lines: int | None = None  # lines node1's daemon logged over the phase
 
@@ -178,6 +180,17 @@ def node_status(lab: Lab) -> tuple[int, float, int, int] | None:
     return int(match.group(1)), float(match.group(2)), int(match.group(3)), int(match.group(4))
 
 
+def last_update_at(lab: Lab) -> float | None:
+    """When node1's daemon got the last UPDATE from its ExaBGP (wall clock, from its status socket)."""
+    code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); "
+            "from calicoctl_py.commands.node import query_status; print(json.dumps(query_status()))")
+    out = lab.exec(OURS, [sys.executable, "-c", code]).stdout
+    try:
+        return float(json.loads(out).get("bgp_last_update") or 0) or None
+    except (ValueError, AttributeError):
+        return None
+
+
 def log_lines(lab: Lab) -> int:
     log = lab.run_dir / OURS / "calico-py-node.log"
     with open(log, "rb") as handle:
@@ -209,6 +222,9 @@ class Bench:
         if "enabled" not in out:
             raise RuntimeError(f"birdc enable {protocol}: {out.strip()}")
         result.install = wait_routes(self.lab, monitors, self.wanted, True, t0)
+        if OURS in nodes:
+            last_update = last_update_at(self.lab)
+            result.exabgp = last_update - t0 if last_update else None
         t1 = time.time()
         self.birdc("disable", protocol)
         result.withdraw = wait_routes(self.lab, monitors, self.wanted, False, t1)
@@ -244,6 +260,9 @@ def report(phases: list[Phase], count: int, seconds: float, host_before: str, st
             span = (arrival.last - arrival.first) if arrival.first is not None and arrival.last is not None else None
             label = "ours (node1)" if node == OURS else "BIRD (receiver)"
             note = "; ".join(n for n in (arrival.note, gone.note if gone else "") if n)
+            if node == OURS and phase.exabgp is not None:
+                note = "; ".join(n for n in (note, f"ExaBGP's last UPDATE reached the daemon at {ms(phase.exabgp)}")
+                                 if n)
             if node == OURS and phase.reconciles is not None:
                 note = "; ".join(n for n in (note, f"{phase.reconciles} reconciles, {phase.log_lines} log lines")
                                  if n)
@@ -254,12 +273,15 @@ def report(phases: list[Phase], count: int, seconds: float, host_before: str, st
     lines += ["", "Medians over the repetitions:", "",
               "| mode | ours: all installed ms | BIRD: all installed ms | ours / BIRD | ours: withdrawn ms | "
               "BIRD: withdrawn ms |", "|---|---|---|---|---|---|"]
-    verdicts = []
+    verdicts: list[str] = []
+    exabgp_share: list[str] = []
     for mode in ("together", "alone"):
         ours = [p.install[OURS] for p in phases if p.name.startswith(mode) and OURS in p.install]
         bird = [p.install[ANCHOR] for p in phases if p.name.startswith(mode) and ANCHOR in p.install]
         ours_w = [p.withdraw[OURS] for p in phases if p.name.startswith(mode) and OURS in p.withdraw]
         bird_w = [p.withdraw[ANCHOR] for p in phases if p.name.startswith(mode) and ANCHOR in p.withdraw]
+        exabgp = median([p.exabgp for p in phases if p.name.startswith(mode) and OURS in p.install])
+        exabgp_share.append(f"{mode} {ms(exabgp)} ms")
         o = median([a.last if a.complete else None for a in ours])
         b = median([a.last if a.complete else None for a in bird])
         incomplete = sum(not a.complete for a in ours + bird)
@@ -271,6 +293,8 @@ def report(phases: list[Phase], count: int, seconds: float, host_before: str, st
         if o is not None and b:
             verdicts.append(f"{mode}: {o / b:.1f}x ({'within' if o / b <= 1.5 else 'NOT within'} 1.5x)")
     lines += ["", "Goal ours within 1.5x of BIRD: " + "; ".join(verdicts) + ".",
+              "Of ours, ExaBGP alone (t0 to its last UPDATE reaching the daemon, median): " + ", ".join(exabgp_share)
+              + ".",
               f"Machine: before {host_before}; after: {machine()}.",
               f"Code: {version}.",
               f"Run: {seconds:.0f} s including deploy and destroy."]

@@ -120,6 +120,7 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None) -> None:
                     "reconcile": dataclasses.asdict(reconciler.stats), "workloads": reconciler.stats.workloads,
                     "datastore": {"endpoint": store.endpoint, "failovers": store.failovers},
                     "bgp": bgp is not None, "peers": bgp.status() if bgp else [],
+                    "bgp_last_update": bgp.speaker.last_update_at if bgp else None,
                     "logs": [p for p in (os.environ.get("CALICO_LOG_FILE"),) if p]}
 
         status = StatusServer(snapshot)

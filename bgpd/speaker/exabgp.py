@@ -57,6 +57,7 @@ class ExaBGP:
         self.peers: dict[str, PeerStatus] = {}
         self.rib: dict[str, dict[str, BGPPath]] = {}  # peer address -> prefix -> path
         self.touched: set[str] = set()  # prefixes whose paths changed since learned_changes() last ran
+        self.last_update_at = 0.0  # wall clock of the last UPDATE ExaBGP passed on (benchmarks: ExaBGP's share)
         self.cluster_id: str | None = None  # set when this node is a route reflector
         self.reflected: dict[str, dict[str, BGPPath]] = {}  # what ExaBGP was told to reflect, per peer
         self.announced: set[str] = set()  # what ExaBGP was told, on the current API connection
@@ -378,6 +379,7 @@ class ExaBGP:
                     self._drop(peer, stale[1], "not re-announced before End-of-RIB")
                     return True
                 return False
+            self.last_update_at = time.time()
             update = ((neighbor.get("message") or {}).get("update") or {})
             if isinstance(update, dict) and self._apply_update(peer, update):
                 self.on_routes()

@@ -103,3 +103,37 @@ async def save_wep(store: Datastore, wep: WorkloadEndpoint) -> None:
 
 async def delete_wep(store: Datastore, namespace: str, name: str) -> None:
     await store.txn([], [Delete(wep_key(namespace, name))])
+
+
+AS_ANNOTATION = "projectcalico.org/ASNumber"
+RR_CLUSTER_ANNOTATION = "projectcalico.org/RouteReflectorClusterID"
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What the node's Kubernetes object adds to its own settings: labels (so pool and BGPPeer selectors work on
+    Kubernetes labels), and the AS number and route-reflector cluster id from annotations."""
+
+    labels: dict[str, str]
+    as_number: int | None
+    rr_cluster_id: str | None
+    problems: tuple[str, ...] = ()  # annotations that were ignored, and why
+
+
+def node_settings(kube_labels: dict[str, str], kube_annotations: dict[str, str], labels: dict[str, str],
+                  as_number: int | None, rr_cluster_id: str | None) -> NodeSettings:
+    """Kubernetes' labels and annotations under the daemon's own settings (the environment wins)."""
+    problems = []
+    annotated_as = kube_annotations.get(AS_ANNOTATION)
+    if as_number is None and annotated_as is not None:
+        if annotated_as.isdigit() and 0 < int(annotated_as) < 2**32:
+            as_number = int(annotated_as)
+        else:
+            problems.append(f"annotation {AS_ANNOTATION}={annotated_as!r} is not an AS number (1-4294967295)")
+    annotated_rr = kube_annotations.get(RR_CLUSTER_ANNOTATION)
+    if rr_cluster_id is None and annotated_rr:
+        try:
+            rr_cluster_id = str(ipaddress.IPv4Address(annotated_rr))
+        except ValueError:
+            problems.append(f"annotation {RR_CLUSTER_ANNOTATION}={annotated_rr!r} is not an IPv4-style cluster id")
+    return NodeSettings({**kube_labels, **labels}, as_number, rr_cluster_id, tuple(problems))

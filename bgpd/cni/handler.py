@@ -18,12 +18,14 @@ from typing import Any, TypeVar
 from pyroute2 import IPRoute
 
 from bgpd.cni import spec
+from bgpd.cni.annotations import AnnotationError, PodRequest, PodSource, pod_request, unknown_pools
 from bgpd.cni.spec import CNIError, Request, Result
 from bgpd.dataplane import workloads
 from bgpd.resources import WorkloadEndpoint, delete_wep, list_node_weps, save_wep, wep_key, wep_name
 from ipam.allocator import IPAM, AssignResult, Extra
 from ipam.datastore import Put
 from ipam.errors import DatastoreUnavailable, IPAMError, NoEligiblePool, PoolExhausted
+from ipam.pools import list_pools
 
 log = logging.getLogger("calico-py-node.cni")
 T = TypeVar("T")
@@ -67,9 +69,10 @@ class Netlink:
 
 class CNIHandler:
     def __init__(self, ipam: IPAM, node: str, netlink: Netlink, default_mtu: Callable[[], int],
-                 changed: Callable[[], None] = lambda: None) -> None:
+                 changed: Callable[[], None] = lambda: None, pods: PodSource | None = None) -> None:
         self.ipam = ipam
         self.node = node
+        self.pods = pods  # the Kubernetes API (pod and namespace annotations), when the node runs in a cluster
         self.netlink = netlink
         self.default_mtu = default_mtu  # the pod MTU when the network config gives none: underlay minus encap
         self.changed = changed  # wakes the reconciler (a new block may need its blackhole)
@@ -129,10 +132,40 @@ class CNIHandler:
 
     async def _allocate(self, request: Request, also: Extra | None = None) -> AssignResult:
         num_v4, num_v6 = self._families(request)
+        wanted = await self._pod_request(request)
         attrs = {k: v for k, v in (("namespace", request.pod_namespace), ("pod", request.pod_name)) if v}
-        pools = (request.config.get("ipam") or {}).get("ipv4_pools")
+        attrs.update(wanted.attributes)
+        if wanted.fixed:
+            for address in wanted.fixed:
+                await self._datastore(self.ipam.assign_ip(address, request.handle_id, self.node, attrs=attrs))
+            return AssignResult(ipv4=[a for a in wanted.fixed if a.version == 4],
+                                ipv6=[a for a in wanted.fixed if a.version == 6])
+        pools = [*(wanted.ipv4_pools or ()), *(wanted.ipv6_pools or ())] or None
+        if pools:
+            existing = await self._datastore(list_pools(self.ipam.store))
+            missing = unknown_pools(pools, [p.name for p in existing], [str(p.cidr) for p in existing])
+            if missing:
+                raise CNIError(spec.INVALID_NETWORK_CONFIG, f"IP pool {', '.join(missing)} requested for "
+                                                            f"{request.pod_namespace}/{request.pod_name} does not "
+                                                            "exist; create it or fix the annotation")
         return await self._datastore(self.ipam.auto_assign(request.handle_id, self.node, num_v4, num_v6,
                                                             pools=pools, attrs=attrs, also=also))
+
+    async def _pod_request(self, request: Request) -> PodRequest:
+        """The pools, fixed addresses and labels the pod's (and its namespace's) annotations ask for."""
+        config_pools = (request.config.get("ipam") or {}).get("ipv4_pools")
+        if self.pods is None or not request.pod_name:
+            return PodRequest(ipv4_pools=tuple(config_pools) if config_pools else None)
+        pods = self.pods
+        try:
+            pod = await asyncio.to_thread(pods.get_pod, request.pod_namespace, request.pod_name)
+            namespace = await asyncio.to_thread(pods.namespace_annotations, request.pod_namespace)
+        except Exception as exc:  # the adapter's errors are one-line already
+            raise CNIError(spec.TRY_AGAIN_LATER, "Kubernetes API unreachable; try again later", str(exc)) from None
+        try:
+            return pod_request(pod.annotations if pod else {}, namespace, pod.labels if pod else {}, config_pools)
+        except AnnotationError as exc:
+            raise CNIError(spec.INVALID_NETWORK_CONFIG, str(exc)) from None
 
     async def _ipam_add(self, request: Request) -> dict[str, Any]:
         addresses = (await self._allocate(request)).addresses

@@ -596,3 +596,21 @@ def test_the_python_fallback_shim_adds_checks_and_deletes(mesh: LabHandle, pods:
     deleted = runtime.delete("ctr-py", ns, added.json, pod="pod-py")
     assert deleted.rc == 0 and deleted.stdout.strip() == "", deleted
     assert_nothing_left(mesh)
+
+
+def test_a_late_del_of_a_replaced_pod_leaves_its_successor_alone(mesh: LabHandle, pods: Pods,
+                                                                 runtime: Runtime) -> None:
+    """A pod recreated under the same name (a StatefulSet's) gets the same cali name and endpoint record; the
+    old sandbox's DEL, arriving after the new ADD, must not take the new pod's veth, record or address."""
+    old_ns, new_ns = pods.new("late-old"), pods.new("late-new")
+    assert runtime.add("lateold", old_ns, pod="web-0").rc == 0
+    added = runtime.add("latenew", new_ns, pod="web-0")
+    assert added.rc == 0, added
+    assert runtime.delete("lateold", old_ns, pod="web-0").rc == 0
+    checked = runtime.check("latenew", new_ns, added.json, pod="web-0")
+    assert checked.rc == 0, checked
+    assert pod_ping(new_ns, str(mesh.address(NODE).ip))
+    handles = ipam_state(mesh)["handles"]
+    assert any(h.endswith(".latenew") for h in handles) and not any(h.endswith(".lateold") for h in handles)
+    assert runtime.delete("latenew", new_ns, pod="web-0").rc == 0
+    assert_nothing_left(mesh)

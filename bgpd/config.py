@@ -18,7 +18,7 @@ class ConfigError(ValueError):
 
 
 ENCAP = ("Never", "Always", "CrossSubnet")
-AUTODETECT_METHODS = ("first-found", "can-reach=", "interface=", "skip-interface=", "cidr=")
+AUTODETECT_METHODS = ("first-found", "can-reach=", "interface=", "skip-interface=", "cidr=", "kubernetes-internal-ip")
 
 
 def _bool(env: dict[str, str], name: str, default: bool) -> bool:
@@ -74,7 +74,7 @@ class Config:
         method = env.get("IP_AUTODETECTION_METHOD", "first-found")
         if not method.startswith(AUTODETECT_METHODS):
             raise ConfigError(f"IP_AUTODETECTION_METHOD={method!r}: use first-found, can-reach=DEST, "
-                              "interface=REGEX, skip-interface=REGEX or cidr=CIDR")
+                              "interface=REGEX, skip-interface=REGEX, cidr=CIDR or kubernetes-internal-ip")
         as_number = _int(env, "AS", 0, 1, 4294967295) or None
         backend = env.get("CALICO_NETWORKING_BACKEND", "bird")
         if backend not in ("bird", "vxlan", "none"):

@@ -25,9 +25,10 @@ from bgpd.autodetect import detect
 from bgpd.cni.handler import CNIHandler, Netlink
 from bgpd.cni.server import CNIServer
 from bgpd.config import Config, ConfigError
+from bgpd.kube import Kube, KubeError, KubeNode
 from bgpd.overlay import NODES, POOLS, Overlay, interface_mtu, watch
 from bgpd.reconciler import RouteReconciler
-from bgpd.resources import node_resource, register_node
+from bgpd.resources import node_resource, node_settings, register_node
 from bgpd.speaker.exabgp import ExaBGP
 from bgpd.speaker.sync import BGPSync
 from bgpd.status import StatusServer
@@ -42,17 +43,23 @@ log = logging.getLogger("calico-py-node")
 __version__ = "0.1.0"
 
 
-def node_address(config: Config) -> ipaddress.IPv4Interface | None:
+def node_address(config: Config, kube_node: KubeNode | None = None) -> ipaddress.IPv4Interface | None:
     if config.ip == "none":
         return None
-    if config.ip == "autodetect":
+    ip = config.ip
+    if config.ip == "autodetect" and config.ip_autodetection_method == "kubernetes-internal-ip":
+        if kube_node is None or not kube_node.internal_ip:
+            raise ConfigError(f"IP_AUTODETECTION_METHOD=kubernetes-internal-ip: the Kubernetes Node {config.nodename} "
+                              "has no InternalIP (or no Kubernetes API is configured: KUBECONFIG or in-cluster)")
+        ip = kube_node.internal_ip
+    elif config.ip == "autodetect":
         found = detect(config.ip_autodetection_method)
         if found is None:
             raise ConfigError(f"IP=autodetect found no address with IP_AUTODETECTION_METHOD="
                               f"{config.ip_autodetection_method}; set IP or another method")
         return found
-    address = ipaddress.ip_interface(config.ip)
-    if "/" not in config.ip:  # take the prefix length from the interface that holds the address
+    address = ipaddress.ip_interface(ip)
+    if "/" not in ip:  # take the prefix length from the interface that holds the address
         with IPRoute() as ipr:
             for entry in ipr.get_addr(family=2):
                 if entry.get_attr("IFA_ADDRESS") == str(address.ip):
@@ -79,11 +86,17 @@ async def ensure_default_pool(store: Datastore, config: Config) -> None:
         pass  # another node created it first
 
 
-async def run(config: Config, address: ipaddress.IPv4Interface | None) -> None:
+async def run(config: Config, address: ipaddress.IPv4Interface | None, kube: Kube | None = None,
+              kube_node: KubeNode | None = None) -> None:
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
     async with Datastore(config.etcd) as store:
         existing = await store.get(f"/calico/resources/v3/projectcalico.org/nodes/{config.nodename}")
-        await register_node(store, node_resource(config.nodename, address, None, config.as_number, config.labels,
+        settings = node_settings(kube_node.labels if kube_node else {}, kube_node.annotations if kube_node else {},
+                                 config.labels, config.as_number, config.rr_cluster_id)
+        for problem in settings.problems:
+            log.warning("kubernetes node %s: %s (ignored)", config.nodename, problem)
+        config = dataclasses.replace(config, as_number=settings.as_number, rr_cluster_id=settings.rr_cluster_id)
+        await register_node(store, node_resource(config.nodename, address, None, config.as_number, settings.labels,
                                                  existing.json() if existing else None, config.rr_cluster_id))
         await ensure_default_pool(store, config)
         netlink = Netlink()
@@ -103,13 +116,20 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None) -> None:
                           secrets_dir=Path(os.environ.get("CALICO_SECRETS_DIR", "/etc/calico-py/secrets")))
             await speaker.start()
         await reconciler.reconcile_once()
+        if kube is not None:  # routes are up: tell Kubernetes the node's network is ready, as calico-node does
+            try:
+                await asyncio.to_thread(kube.set_network_unavailable, config.nodename, False, "CalicoIsUp",
+                                        "calico-py is running on this node")
+            except KubeError as exc:
+                log.warning("could not clear the NetworkUnavailable condition: %s", exc)
         def changed() -> None:
             reconciler.wake()
             if bgp:
                 bgp.wake()
 
         handler = CNIHandler(ipam, config.nodename, netlink,
-                             lambda: overlay.pod_mtu if overlay else config.mtu or underlay_mtu, changed=changed)
+                             lambda: overlay.pod_mtu if overlay else config.mtu or underlay_mtu, changed=changed,
+                             pods=kube)
         server = CNIServer(handler.handle)
         await server.start()
         started = time.monotonic()
@@ -158,11 +178,15 @@ def main() -> int:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
     try:
         config = Config.from_env(env)
+        kube = Kube.from_env(env)  # None outside a cluster (no KUBECONFIG, not in a pod)
+        kube_node = kube.get_node(config.nodename) if kube else None
+        if kube is not None and kube_node is None:
+            log.warning("no Kubernetes Node named %s: its labels and annotations are not used", config.nodename)
         # pyroute2's synchronous API runs its own event loop: use it before ours starts (or in threads).
-        address = node_address(config)
+        address = node_address(config, kube_node)
         warn_without_default_route()
-        asyncio.run(run(config, address))
-    except (ConfigError, IPAMError, RuntimeError) as exc:
+        asyncio.run(run(config, address, kube, kube_node))
+    except (ConfigError, IPAMError, KubeError, RuntimeError) as exc:
         print(f"calico-py-node: {exc}", file=sys.stderr)
         return 1
     return 0

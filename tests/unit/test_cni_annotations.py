@@ -51,3 +51,17 @@ def test_node_settings_from_kubernetes_under_the_environment() -> None:
     assert node_settings({}, {AS_ANNOTATION: "65010"}, {}, 64999, None).as_number == 64999
     bad = node_settings({}, {AS_ANNOTATION: "x", RR_CLUSTER_ANNOTATION: "nope"}, {}, None, None)
     assert bad.as_number is None and bad.rr_cluster_id is None and len(bad.problems) == 2
+
+
+def test_kubernetes_internal_ip_autodetection() -> None:
+    import ipaddress as ip
+
+    from bgpd.config import Config, ConfigError
+    from bgpd.daemon import node_address
+    from bgpd.kube import KubeNode
+    config = Config.from_env({"NODENAME": "node1", "IP": "autodetect",
+                              "IP_AUTODETECTION_METHOD": "kubernetes-internal-ip"})
+    node = KubeNode("node1", {}, {}, internal_ip="192.0.2.7", external_ip=None)
+    assert node_address(config, node) == ip.IPv4Interface("192.0.2.7/32")  # no local interface holds it here
+    with pytest.raises(ConfigError, match="InternalIP"):
+        node_address(config, None)

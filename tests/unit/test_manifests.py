@@ -253,7 +253,7 @@ def test_the_daemon_accepts_the_defaults() -> None:
     assert config.nodename == "node-1"
     assert config.mtu is None  # empty veth_mtu: automatic
     assert config.networking_backend == "bird"
-    assert config.ip == "autodetect" and config.ip_autodetection_method == "first-found"
+    assert config.ip == "autodetect" and config.ip_autodetection_method == "kubernetes-internal-ip"
     assert config.default_pool is not None
     assert config.default_pool["spec"]["cidr"] == CONFIGMAP["data"]["ipv4pool_cidr"]
 

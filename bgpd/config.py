@@ -59,6 +59,8 @@ class Config:
     log_level: str
     labels: dict[str, str] = field(default_factory=dict)
     rr_cluster_id: str | None = None
+    health_host: str = "127.0.0.1"  # /liveness, /readiness, /metrics
+    health_port: int = 9099
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> Config:
@@ -84,6 +86,8 @@ class Config:
             etcd=EtcdConfig.from_env(env), default_pool=default_pool(env), networking_backend=backend,
             mtu=_int(env, "CALICO_MTU", 0, 576, 65535) or None,
             reconcile_interval=float(_int(env, "CALICO_RECONCILE_INTERVAL", 60, 1, 86400)),
+            health_host=env.get("CALICO_HEALTH_HOST", "127.0.0.1"),
+            health_port=_int(env, "CALICO_HEALTH_PORT", 9099, 0, 65535),
             log_level=env.get("LOG_LEVEL", "info"),
             labels=dict(item.split("=", 1) for item in env.get("CALICO_NODE_LABELS", "").split(",") if "=" in item),
             rr_cluster_id=_cluster_id(env),

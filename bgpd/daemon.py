@@ -25,6 +25,7 @@ from bgpd.autodetect import detect
 from bgpd.cni.handler import CNIHandler, Netlink
 from bgpd.cni.server import CNIServer
 from bgpd.config import Config, ConfigError
+from bgpd.health import HealthServer, Metrics, PeerHealth, Probe
 from bgpd.kube import Kube, KubeError, KubeNode
 from bgpd.overlay import NODES, POOLS, Overlay, interface_mtu, watch
 from bgpd.reconciler import RouteReconciler
@@ -41,6 +42,7 @@ from ipam.pools import list_pools, save_pool
 
 log = logging.getLogger("calico-py-node")
 __version__ = "0.1.0"
+HEALTH_READ_TIMEOUT = 2.0  # seconds a readiness probe waits for etcd
 
 
 def node_address(config: Config, kube_node: KubeNode | None = None) -> ipaddress.IPv4Interface | None:
@@ -127,12 +129,13 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None, kube: Kub
             if bgp:
                 bgp.wake()
 
+        metrics = Metrics(lambda: snapshot())
         handler = CNIHandler(ipam, config.nodename, netlink,
                              lambda: overlay.pod_mtu if overlay else config.mtu or underlay_mtu, changed=changed,
-                             pods=kube)
+                             pods=kube, observe=lambda *sample: metrics.observe_cni(*sample))
         server = CNIServer(handler.handle)
         await server.start()
-        started = time.monotonic()
+        started, started_wall = time.monotonic(), time.time()
 
         def snapshot() -> dict[str, Any]:
             return {"node": config.nodename, "address": str(address) if address else None, "ready": True,
@@ -141,10 +144,27 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None, kube: Kub
                     "datastore": {"endpoint": store.endpoint, "failovers": store.failovers},
                     "bgp": bgp is not None, "peers": bgp.status() if bgp else [],
                     "bgp_last_update": bgp.speaker.last_update_at if bgp else None,
+                    "advertised": len(bgp.speaker.announced) if bgp else 0, "ipam": dict(ipam.stats),
+                    "exabgp": {"restarts": bgp.speaker.restarts, "reloads": bgp.speaker.reloads} if bgp else {},
                     "logs": [p for p in (os.environ.get("CALICO_LOG_FILE"),) if p]}
+
+        async def probe() -> Probe:
+            try:
+                await asyncio.wait_for(store.get(keys.IPAM_CONFIG), timeout=HEALTH_READ_TIMEOUT)
+                datastore_ok = True
+            except Exception:  # unreachable, timed out: not ready, whatever the cause
+                datastore_ok = False
+            now = time.time()
+            peers = tuple(PeerHealth(a, p.state == "up", now - max(p.since, started_wall))
+                          for a, p in bgp.speaker.peers.items()) if bgp else ()
+            return Probe(reconciled=reconciler.stats.runs > 0, datastore_ok=datastore_ok,
+                         exabgp_alive=bgp.speaker.alive if bgp else None, peers=peers,
+                         grace=float(bgp.speaker.graceful_restart) if bgp else 0.0)
 
         status = StatusServer(snapshot)
         await status.start()
+        health = HealthServer(config.health_host, config.health_port, probe, metrics)
+        await health.start()
         log.info("ready node=%s ip=%s etcd=%s", config.nodename, address, ",".join(config.etcd.endpoints))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -162,6 +182,7 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None, kube: Kub
         log.info("stopping")
         await server.stop()
         await status.stop()
+        await health.stop()
         for task in (reconcile_task, bgp_task, watch_task):
             if task:
                 task.cancel()

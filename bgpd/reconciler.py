@@ -6,8 +6,9 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bgpd import desired
 from bgpd.cni.handler import Netlink
@@ -31,6 +32,19 @@ class ReconcileStats:
     last_changes: int = 0
     routes: int = 0  # routes of ours the node should hold, as of the last run
     workloads: int = 0  # local workload endpoints, as of the last run
+    by_type: dict[str, int] = field(default_factory=dict)  # routes of ours by route_type(), as of the last run
+
+
+TUNNEL_DEVICES = ("vxlan.calico", "tunl0")
+
+
+def route_type(route: desired.RouteSpec) -> str:
+    """blackhole (an affine block), workload (a local pod), tunnel (to another node, encapsulated), remote."""
+    if route.kind == "blackhole":
+        return "blackhole"
+    if route.device in TUNNEL_DEVICES:
+        return "tunnel"
+    return "remote" if route.learned else "workload"
 
 
 Learned = dict[str, tuple[str, ...]]  # BGP routes: prefix -> next hops, already filtered to the pools
@@ -112,6 +126,7 @@ class RouteReconciler:
             wanted = {spec.dst for spec in want}
             want |= {spec for spec in have if spec.learned and spec.dst not in wanted}
         self.stats.routes = len(want)
+        self.stats.by_type = dict(Counter(route_type(r) for r in want))
         self._remote = {spec.dst: spec for spec in want if spec.learned}
         changes = await self._apply(desired.diff_routes(want, have))
         self.stats.runs += 1

@@ -11,6 +11,7 @@ import dataclasses
 import ipaddress
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -69,16 +70,24 @@ class Netlink:
 
 class CNIHandler:
     def __init__(self, ipam: IPAM, node: str, netlink: Netlink, default_mtu: Callable[[], int],
-                 changed: Callable[[], None] = lambda: None, pods: PodSource | None = None) -> None:
+                 changed: Callable[[], None] = lambda: None, pods: PodSource | None = None,
+                 observe: Callable[[str, str, float], None] = lambda command, result, seconds: None) -> None:
         self.ipam = ipam
         self.node = node
         self.pods = pods  # the Kubernetes API (pod and namespace annotations), when the node runs in a cluster
+        self.observe = observe  # (command, "ok" | "error", seconds) of every request: metrics
         self.netlink = netlink
         self.default_mtu = default_mtu  # the pod MTU when the network config gives none: underlay minus encap
         self.changed = changed  # wakes the reconciler (a new block may need its blackhole)
         self._claimed = 0
 
     async def handle(self, plugin: str, env: dict[str, str], stdin: str) -> tuple[int, str]:
+        started = time.monotonic()
+        code, out = await self._handle(plugin, env, stdin)
+        self.observe(env.get("CNI_COMMAND", "?"), "ok" if code == 0 else "error", time.monotonic() - started)
+        return code, out
+
+    async def _handle(self, plugin: str, env: dict[str, str], stdin: str) -> tuple[int, str]:
         version = spec.CURRENT_VERSION
         try:
             request = spec.parse_request(env, stdin)

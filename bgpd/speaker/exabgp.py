@@ -242,6 +242,11 @@ class ExaBGP:
         for table in self.rib.values():
             self.touched.update(table)
 
+    @property
+    def alive(self) -> bool:
+        """ExaBGP runs, or its supervisor is restarting it."""
+        return self._supervisor is not None and not self._supervisor.done()
+
     def set_graceful_restart(self, seconds: int) -> None:
         if seconds != self.graceful_restart:
             self.graceful_restart = seconds

@@ -138,7 +138,8 @@ class BGPSync:
 
     def status(self) -> list[dict[str, Any]]:
         return [{"address": address, "family": "IPv4", "type": peer.spec.kind, "state": peer.state,
-                 "since": time.strftime("%H:%M:%S", time.localtime(peer.since)), "info": self._info(peer)}
+                 "since": time.strftime("%H:%M:%S", time.localtime(peer.since)), "info": self._info(peer),
+                 "learned": len(self.speaker.rib.get(address, {}))}
                 for address, peer in sorted(self.speaker.peers.items())]
 
     @staticmethod

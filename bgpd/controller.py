@@ -27,6 +27,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+from bgpd import logs
 from bgpd.kube import Kube, KubeError, KubePod
 from bgpd.resources import WorkloadEndpoint
 from ipam import keys
@@ -320,8 +321,9 @@ async def serve(settings: Settings, kube: Kube, etcd: EtcdConfig) -> None:
 
 def main() -> int:
     env = dict(os.environ)
-    logging.basicConfig(level=env.get("LOG_LEVEL", "info").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    problem = logs.setup(env)
+    if problem:
+        log.warning("%s", problem)
     try:
         settings = Settings.from_env(env)
         kube = Kube.from_env(env)

@@ -21,6 +21,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
+from bgpd import logs
 from bgpd.autodetect import detect
 from bgpd.cni.handler import CNIHandler, Netlink
 from bgpd.cni.server import CNIServer
@@ -195,8 +196,9 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None, kube: Kub
 
 def main() -> int:
     env = dict(os.environ)
-    logging.basicConfig(level=env.get("LOG_LEVEL", "info").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    problem = logs.setup(env)
+    if problem:
+        log.warning("%s", problem)
     try:
         config = Config.from_env(env)
         kube = Kube.from_env(env)  # None outside a cluster (no KUBECONFIG, not in a pod)

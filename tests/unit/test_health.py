@@ -18,3 +18,18 @@ def test_ready_needs_a_reconcile_the_datastore_and_peers_up_or_within_grace() ->
 def test_alive_unless_exabgp_is_gone_for_good() -> None:
     assert liveness(Probe(True, False, exabgp_alive=None)) == []  # BGP off; the datastore is readiness' business
     assert liveness(Probe(True, True, exabgp_alive=False)) != []
+
+
+def test_log_format_json_and_bad_settings(capsys: object) -> None:
+    import json
+    import logging
+
+    from bgpd import logs
+    assert logs.setup({"LOG_FORMAT": "json", "LOG_LEVEL": "debug"}) is None
+    logging.getLogger("calico-py-node.test").info("route added dst=%s", "10.244.1.0/26")
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # type: ignore[attr-defined]
+    entry = json.loads(line)
+    assert entry["message"] == "route added dst=10.244.1.0/26" and entry["level"] == "info"
+    assert "LOG_FORMAT" in (logs.setup({"LOG_FORMAT": "xml"}) or "")
+    assert "LOG_LEVEL" in (logs.setup({"LOG_LEVEL": "loud"}) or "")
+    logs.setup({})

@@ -51,9 +51,13 @@ lab-destroy: venv
 	$(LAB) destroy -t $(LAB_TOPOLOGY)
 
 # Every benchmark, each printing our figure beside its anchor's from the same run; a failing one fails `make bench`.
-BENCHES := bench/ipam_rate.py bench/cni_add.py bench/convergence.py bench/routes.py
+# Their reports (stdout) are collected in bench/results.md; progress goes to the terminal.
+BENCHES := bench/ipam_rate.py bench/cni_add.py bench/convergence.py bench/routes.py bench/scale.py
 bench: deps venv
-	@set -e; for b in $(BENCHES); do echo "== $$b"; $(VENV)/bin/python $$b; echo; done
+	@set -eo pipefail; out=bench/results.md; \
+	printf '# Benchmarks\n\nRun %s on %s cores (make bench).\n\n' "$$(date -u +%FT%TZ)" "$$(nproc)" > $$out; \
+	for b in $(BENCHES); do echo "== $$b"; $(VENV)/bin/python $$b | tee -a $$out; echo >> $$out; done; \
+	echo "written: $$out"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

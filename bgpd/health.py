@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -119,11 +119,14 @@ class Metrics:
     def __init__(self, snapshot: Callable[[], dict]) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(DaemonCollector(snapshot))
+        self.cni_requests = Counter("calico_py_cni_requests", "CNI requests handled, by command and result",
+                                    ["command", "result"], registry=self.registry)
         self.cni = Histogram("calico_py_cni_request_duration_seconds", "CNI requests, by command and result",
                              ["command", "result"], registry=self.registry,
                              buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0))
 
     def observe_cni(self, command: str, result: str, seconds: float) -> None:
+        self.cni_requests.labels(command, result).inc()
         self.cni.labels(command, result).observe(seconds)
 
     def text(self) -> bytes:

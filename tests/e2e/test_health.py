@@ -61,6 +61,7 @@ def test_metrics_show_what_the_lab_implies(mesh3: LabHandle, pods: Pods, tmp_pat
     assert sample(metrics, "calico_py_kernel_routes", type="workload") == 1.0
     assert sample(metrics, "calico_py_workloads") == 1.0
     assert sample(metrics, "calico_py_cni_request_duration_seconds_count", command="ADD", result="ok") == 1.0
+    assert sample(metrics, "calico_py_cni_requests_total", command="ADD", result="ok") == 1.0
     assert sample(metrics, "calico_py_ipam_allocations_total") == 1.0
     assert (sample(metrics, "calico_py_reconcile_runs_total", kind="full") or 0) >= 1
     assert get(mesh3, "node1", "/liveness")[0] == 200

@@ -152,6 +152,20 @@ class Result:
     cpu_pct: float
 
 
+ARP_LIMIT = Path("/proc/sys/net/ipv4/neigh/default/gc_thresh3")
+
+
+def arp_room(size: int) -> str | None:
+    """Why ``size`` nodes cannot run here, or None. The kernel's ARP table is one table for every network
+    namespace, capped by the host's gc_thresh3 (1024 by default; only the host namespace can change it): a
+    full mesh needs about N*(N-1) entries plus the management network's, and past the cap new neighbours are
+    refused ("neighbor table overflow") and sessions never start. This benchmark does not change the host."""
+    limit = int(ARP_LIMIT.read_text())
+    needed = size * (size - 1) + 4 * size
+    return None if needed <= limit else (f"needs about {needed} ARP entries; the host's shared ARP table holds "
+                                         f"{limit} (net.ipv4.neigh.default.gc_thresh3)")
+
+
 def measure(size: int, bird: bool, work: Path, bin_dir: Path, idle: float) -> Result:
     name = f"scale{'b' if bird else 'c'}{size}"
     lab = Lab(load(topology(name, size, bird, work)))
@@ -195,11 +209,16 @@ def main() -> int:
         raise SystemExit("scale: run as root (network namespaces)")
     host = machine()
     results = []
+    skipped: list[str] = []
     with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp:
         work = Path(tmp)
         bin_dir = work / "bin"
         installed = install(bin_dir)
         for size in (int(s) for s in args.sizes.split(",")):
+            if (reason := arp_room(size)) is not None:
+                skipped.append(f"{size} nodes not run: {reason}")
+                print(f"  {skipped[-1]}", file=sys.stderr)
+                continue
             for bird in (False, True):
                 result = measure(size, bird, work, bin_dir, args.idle)
                 print(f"  {size} nodes, {result.path}: sessions {seconds(result.sessions)}, routes "
@@ -220,6 +239,8 @@ def main() -> int:
         bird = next(r for r in results if r.size == size and r.path == "BIRD")
         print(f"- {size} nodes: sessions {ratio(ours.sessions, bird.sessions)}, "
               f"routes {ratio(ours.routes, bird.routes)}, RSS {ours.rss_mib / bird.rss_mib:.0f}x")
+    for line in skipped:
+        print(f"- {line}")
     print(f"\nOurs: {installed}; one pod per node made after the sessions are up (inside the routes figure). "
           f"Polling: every node in turn, so the resolution grows with N. BIRD waits its default connect delay "
           f"(5 s) before a first session.\nMachine: {host}. Code: {code_version()}.")

@@ -149,6 +149,9 @@ class RouteReconciler:
                     add.append(want)  # replaces a changed route in place: no gap in forwarding
             elif have is not None:
                 remove.append(have)
+            else:  # a withdrawal of a route we do not know we hold: let a full run compare with the kernel
+                self._full_wanted = True
+                self._wake.set()
         self.stats.fast_runs += 1
         return await self._apply(desired.RouteDiff(add=tuple(add), remove=tuple(remove)))  # unsorted: bursts
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +40,6 @@ def mesh3(lab: Callable[..., LabHandle]) -> LabHandle:
         handle.wait_for(lambda node=node: len(sessions(handle, node)) == 2, timeout=60,
                         what=f"{node} to have Established sessions to both other nodes")
     return handle
-
-
-@pytest.fixture
-def pods() -> Iterator[Pods]:
-    made = Pods()
-    yield made
-    made.cleanup()
 
 
 def test_mesh3_pods_on_every_node_reach_each_other_over_bgp(mesh3: LabHandle, pods: Pods, tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,13 +19,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="lab tests need root (
 DATA = Path(__file__).parent / "data"
 TORS = ("10.0.6.1", "10.0.6.2")
 BIRD_CLIENT = "10.0.6.30"
-
-
-@pytest.fixture
-def pods() -> Iterator[Pods]:
-    made = Pods()
-    yield made
-    made.cleanup()
 
 
 @pytest.fixture

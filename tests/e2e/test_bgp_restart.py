@@ -8,7 +8,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,13 +20,6 @@ from tests.labfixture import LabHandle
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="lab tests need root (network namespaces)")
 NODES = ("node1", "node2", "node3")
-
-
-@pytest.fixture
-def pods() -> Iterator[Pods]:
-    made = Pods()
-    yield made
-    made.cleanup()
 
 
 def mesh_with(lab: Callable[..., LabHandle], tmp_path: Path, restart_time: str) -> LabHandle:

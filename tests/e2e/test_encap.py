@@ -26,13 +26,6 @@ CLI = str(Path(sys.executable).parent / "calicoctl-py")
 VXLAN_PORT = "udp port 4789"
 
 
-@pytest.fixture
-def pods() -> Iterator[Pods]:
-    made = Pods()
-    yield made
-    made.cleanup()
-
-
 @contextlib.contextmanager
 def capture(netns: str, interface: str, expression: str) -> Iterator[Callable[[], list[str]]]:
     """tcpdump on ``interface`` of ``netns`` while the block runs; the callable gives the captured packets (one

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,13 +22,6 @@ FETCH = ("import sys, urllib.request, urllib.error\n"
          "    print(answer.status); print(answer.read().decode())\n"
          "except urllib.error.HTTPError as error:\n"
          "    print(error.code); print(error.read().decode())\n")
-
-
-@pytest.fixture
-def pods() -> Iterator[Pods]:
-    made = Pods()
-    yield made
-    made.cleanup()
 
 
 def get(handle: LabHandle, node: str, path: str) -> tuple[int, str]:

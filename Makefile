@@ -10,7 +10,7 @@ DEB_PACKAGES := etcd-server etcd-client iproute2 iputils-ping bird2 frr gobgpd g
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv test unit lint lab lab-destroy bench clean
+.PHONY: all deps venv test unit faults lint lab lab-destroy bench clean
 
 all: test
 
@@ -33,6 +33,10 @@ test: deps venv
 
 unit: venv
 	$(VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
+
+# The fault suite alone; FAULTS_SUMMARY keeps its closing table (one row per fault) in a file as well.
+faults: deps venv
+	FAULTS_SUMMARY=faults-summary.md $(VENV)/bin/python -m pytest tests/faults $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -39,6 +39,13 @@ API_SOCKET = "\0calico-py-exabgp"
 API_READY_TIMEOUT = 10.0  # seconds a reload waits for a starting ExaBGP before signalling it anyway
 
 
+Accept = Callable[[str, str, BGPPath], bool]  # (peer, prefix, path) -> use the path
+
+
+def _accept_all(peer: str, prefix: str, path: BGPPath) -> bool:
+    return True
+
+
 @dataclass
 class PeerStatus:
     spec: PeerSpec
@@ -221,20 +228,23 @@ class ExaBGP:
 
     # ------------------------------------------------------------------ learned state out
 
-    def learned(self) -> dict[str, tuple[str, ...]]:
-        """prefix -> next hops of its best paths (several: equal-cost multipath), over the whole RIB."""
+    def learned(self, accept: Accept = _accept_all) -> dict[str, tuple[str, ...]]:
+        """prefix -> next hops of its best paths (several: equal-cost multipath), over the whole RIB; only the
+        paths ``accept(peer, prefix, path)`` lets through take part (the import filter)."""
         by_prefix: dict[str, dict[str, BGPPath]] = {}
         for address, table in self.rib.items():
             for prefix, path in table.items():
-                by_prefix.setdefault(prefix, {})[address] = path
+                if accept(address, prefix, path):
+                    by_prefix.setdefault(prefix, {})[address] = path
         self.touched.clear()
         return {prefix: multipath(paths) for prefix, paths in by_prefix.items()}
 
-    def learned_changes(self) -> dict[str, tuple[str, ...]]:
+    def learned_changes(self, accept: Accept = _accept_all) -> dict[str, tuple[str, ...]]:
         """Like :meth:`learned`, for the prefixes touched since the last call only (no next hop: gone), so a
         burst of updates costs what changed, not the size of the RIB."""
         touched, self.touched = self.touched, set()
-        return {prefix: multipath({peer: table[prefix] for peer, table in self.rib.items() if prefix in table})
+        return {prefix: multipath({peer: table[prefix] for peer, table in self.rib.items()
+                                   if prefix in table and accept(peer, prefix, table[prefix])})
                 for prefix in touched}
 
     def touch_all(self) -> None:

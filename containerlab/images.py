@@ -47,13 +47,19 @@ IMAGES: tuple[ImageSpec, ...] = (
     ImageSpec(
         name="etcd",
         repositories=("etcd",),
-        daemons=(Daemon(("etcd", "--name", "{node}", "--data-dir", "{state}/etcd",
-                         "--listen-client-urls", "http://0.0.0.0:2379",
-                         "--advertise-client-urls", "http://{mgmt_ip}:2379",
-                         "--listen-peer-urls", "http://127.0.0.1:2380",
-                         "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
-                         "--initial-cluster", "{node}=http://127.0.0.1:2380"), "etcd-server"),),
-        description="single-member etcd serving clients on the management network, port 2379",
+        # Settings go through etcd's own ETCD_* variables, not flags (a flag would shadow the variable): a node's
+        # env: overrides any of them. A member is addressed by its management address, so a cluster is declared
+        # by giving each member node the same ETCD_INITIAL_CLUSTER (member names are node names); without it a
+        # node is a cluster of one.
+        daemons=(Daemon(("etcd",), "etcd-server"),),
+        env=(("ETCD_NAME", "{node}"), ("ETCD_DATA_DIR", "{state}/etcd"),
+             ("ETCD_LISTEN_CLIENT_URLS", "http://0.0.0.0:2379"),
+             ("ETCD_ADVERTISE_CLIENT_URLS", "http://{mgmt_ip}:2379"),
+             ("ETCD_LISTEN_PEER_URLS", "http://{mgmt_ip}:2380"),
+             ("ETCD_INITIAL_ADVERTISE_PEER_URLS", "http://{mgmt_ip}:2380"),
+             ("ETCD_INITIAL_CLUSTER", "{node}=http://{mgmt_ip}:2380")),
+        description="etcd serving clients on the management network, port 2379; one member unless the node's env: "
+                    "sets ETCD_INITIAL_CLUSTER (peers on port 2380 of their management addresses)",
     ),
     ImageSpec(
         name="bird",

@@ -1,8 +1,9 @@
 """calico-py-node: the node daemon. Wiring only: settings, adapters, the CNI server and the reconciler.
 
 Start-up: read settings (a bad one stops here with a one-line message), register the Node resource, create the
-default pool if no pool exists, turn forwarding on, reconcile the kernel once (so a restart converges before
-new pods arrive), then serve CNI requests and reconcile on every change and every interval.
+default pool if no pool exists, turn forwarding on, remove the veths an interrupted ADD left without an endpoint,
+reconcile the kernel once (so a restart converges before new pods arrive), then serve CNI requests and reconcile
+on every change and every interval.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pyroute2 import IPRoute
 
 from bgpd import logs
 from bgpd.autodetect import detect
+from bgpd.cleanup import sweep_orphan_interfaces
 from bgpd.cni.handler import CNIHandler, Netlink
 from bgpd.cni.server import CNIServer
 from bgpd.config import Config, ConfigError
@@ -118,6 +120,9 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None, kube: Kub
             bgp = BGPSync(store, speaker, config.nodename,
                           secrets_dir=Path(os.environ.get("CALICO_SECRETS_DIR", "/etc/calico-py/secrets")))
             await speaker.start()
+        # An ADD cut short by a crash of the previous daemon can have left a veth with no endpoint; nothing of
+        # ours is in flight before the CNI socket opens, so any such veth is an orphan now (its routes go with it).
+        await sweep_orphan_interfaces(store, netlink, config.nodename)
         await reconciler.reconcile_once()
         if kube is not None:  # routes are up: tell Kubernetes the node's network is ready, as calico-node does
             try:

@@ -209,6 +209,11 @@ def add(ipr: IPRoute, workload: Workload) -> None:
     route_to_pod(workload, index)
 
 
+def host_interfaces() -> list[str]:
+    """The names of the workload (``cali*``) interfaces in the calling thread's namespace."""
+    return [name for _, name in socket.if_nameindex() if name.startswith(IFACE_PREFIX)]
+
+
 def remove(ipr: IPRoute, host_if: str) -> bool:
     """Delete the host veth (its pod end and the routes via it go with it). False if it was not there."""
     try:

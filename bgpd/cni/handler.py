@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
 
+from bgpd.cleanup import release_unattached
 from bgpd.cni import spec
 from bgpd.cni.annotations import AnnotationError, PodRequest, PodSource, pod_request, unknown_pools
 from bgpd.cni.spec import CNIError, Request, Result
@@ -324,4 +325,6 @@ class CNIHandler:
                 await self.netlink.run(lambda ipr, name=wep.interface: workloads.remove(ipr, name))
                 await self._datastore(self.ipam.release_by_handle(handle))
                 await self._datastore(delete_wep(self.ipam.store, wep.namespace, wep.name))
+        # Addresses with no endpoint (an ADD or DEL cut short by a crash) are the network's too.
+        await self._datastore(release_unattached(self.ipam, self.node, request.network, valid))
         self.changed()

@@ -52,6 +52,8 @@ class PeerStatus:
     state: str = "start"
     since: float = field(default_factory=time.time)
     info: str = "Active"
+    downs: int = 0  # sessions lost since start, and why the last one was (ExaBGP's reason, e.g. a NOTIFICATION)
+    last_down: str = ""
 
 
 class ExaBGP:
@@ -364,6 +366,8 @@ class ExaBGP:
             if state == "up":
                 self._came_up.append(peer)
             if state == "down":
+                status.downs += 1
+                status.last_down = str(neighbor.get("reason", ""))
                 self.eor.discard(peer)
                 routes = set(self.rib.get(peer, {}))
                 restart_time = min(self.gr_peers.get(peer, 0), self.graceful_restart)

@@ -37,6 +37,29 @@ from bgpd.unixsock import bind_abstract
 log = logging.getLogger("calico-py-node.bgp")
 API_SOCKET = "\0calico-py-exabgp"
 API_READY_TIMEOUT = 10.0  # seconds a reload waits for a starting ExaBGP before signalling it anyway
+RELOAD_CONFIRM_TIMEOUT = 2.0  # seconds ExaBGP has to start acting on a SIGUSR1 before it is sent again
+RELOAD_ATTEMPTS = 5  # SIGUSR1s per configuration change before ExaBGP is restarted instead
+
+
+def reload_outcome(log_since_signal: str) -> str | None:
+    """What ExaBGP did with our SIGUSR1, from what it logged since just before it was sent: ``"loaded"``,
+    ``"failed"`` (it read the configuration and refused it), or None (not acted on yet, or never will).
+
+    ExaBGP 5.0 drops a reload without a word when any configured peer still has routes waiting to be sent (its
+    adj-rib-out is pending, which it stays while that peer is not Established), and ignores a SIGUSR1 that arrives
+    while an earlier one waits to be handled. A reload that starts after our signal reads the file we wrote before
+    it; "performing reload" logged before our signal belongs to an earlier reload, which may have read the old one.
+    """
+    received = log_since_signal.find("SIGUSR1 received")
+    if received < 0:
+        return None
+    started = log_since_signal.find("performing reload", received)
+    if started < 0:
+        return None
+    after = log_since_signal[started:]
+    if "could not load/reload configuration" in after:
+        return "failed"
+    return "loaded" if "loaded new configuration successfully" in after else None
 
 
 Accept = Callable[[str, str, BGPPath], bool]  # (peer, prefix, path) -> use the path
@@ -73,6 +96,7 @@ class ExaBGP:
         self.wanted: set[str] = set()
         self.restarts = 0
         self.reloads = 0
+        self.reloads_unanswered = 0  # SIGUSR1s ExaBGP dropped (see reload_outcome), each sent again
         self._writer: asyncio.StreamWriter | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._config_changed = asyncio.Event()
@@ -154,6 +178,7 @@ class ExaBGP:
                 self._config_changed.clear()
                 await self._config_changed.wait()
                 continue
+            self._config_changed.clear()  # what changed until now is in the file ExaBGP starts with
             config = self._write_config()
             env = {**os.environ, "exabgp_daemon_user": "root", "exabgp_daemon_daemonize": "false",
                    "exabgp_api_ack": "false", "exabgp_api_cli": "false", "exabgp_log_destination": "stdout",
@@ -169,7 +194,6 @@ class ExaBGP:
             (self.state_dir / "exabgp.pid").write_text(str(self._process.pid))
             waiter = asyncio.create_task(self._process.wait())
             while True:
-                self._config_changed.clear()
                 changed = asyncio.create_task(self._config_changed.wait())
                 done, _ = await asyncio.wait({waiter, changed}, return_when=asyncio.FIRST_COMPLETED)
                 if waiter in done:
@@ -181,18 +205,58 @@ class ExaBGP:
                 ready = asyncio.create_task(self._api_ready.wait())
                 await asyncio.wait({waiter, ready}, timeout=API_READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
                 ready.cancel()
-                if waiter.done():
+                if waiter.done() or not await self._reload(waiter):
                     break
-                self._write_config()
-                self.reloads += 1
-                log.info("bgp peers changed: exabgp reloads its configuration")
-                with contextlib.suppress(ProcessLookupError):
-                    self._process.send_signal(signal.SIGUSR1)
+            await asyncio.wait({waiter})
+            self._process_gone()
             self.restarts += 1
-            code = self._process.returncode if self._process else None
+            code = waiter.result()
             log.warning("exabgp exited (code %s); restarting in %.1fs", code, backoff)
             await asyncio.sleep(backoff)  # backoff between restarts of a crashing child, not synchronisation
             backoff = 0.5 if time.monotonic() - started > 30 else min(backoff * 2, 30)
+
+    async def _reload(self, exited: asyncio.Task[int]) -> bool:
+        """Make the running ExaBGP read the current configuration: SIGUSR1, confirmed from its log and sent again
+        while it is not acted on (see :func:`reload_outcome`); after ``RELOAD_ATTEMPTS`` unanswered signals
+        ExaBGP is restarted, which reads the whole file (peers keep our routes meanwhile: graceful restart).
+        False when ExaBGP exited (or was stopped here): the supervisor starts it again."""
+        exabgp_log = self.state_dir / "exabgp.log"
+        for attempt in range(1, RELOAD_ATTEMPTS + 1):
+            offset = _size(exabgp_log)
+            self._config_changed.clear()  # a change from here on is written by a later reload
+            self._write_config()
+            self.reloads += 1
+            log.info("bgp peers changed: exabgp reloads its configuration%s",
+                     f" (attempt {attempt})" if attempt > 1 else "")
+            assert self._process is not None
+            with contextlib.suppress(ProcessLookupError):
+                self._process.send_signal(signal.SIGUSR1)
+            deadline = time.monotonic() + RELOAD_CONFIRM_TIMEOUT * attempt
+            while (outcome := reload_outcome(_read_from(exabgp_log, offset))) is None:
+                if exited.done():
+                    return False
+                if time.monotonic() > deadline:
+                    break
+                # polling ExaBGP's log for its answer, with a deadline; wakes at once if ExaBGP exits
+                await asyncio.wait({exited}, timeout=0.1)
+            if outcome == "failed":
+                log.error("exabgp refused the new configuration; see %s", exabgp_log)
+            if outcome is not None:
+                return True
+            self.reloads_unanswered += 1
+            log.warning("exabgp did not act on reload signal %d of %d (a peer's routes still wait to be sent)",
+                        attempt, RELOAD_ATTEMPTS)
+        log.error("exabgp ignored %d reload signals: restarting it to apply the configuration", RELOAD_ATTEMPTS)
+        await self._terminate()
+        return False
+
+    def _process_gone(self) -> None:
+        """ExaBGP exited: every session went with it, without a word on the API. Each peer's routes are kept as
+        after a "down" (graceful restart: stale until its End-of-RIB, or dropped after the restart time), so the
+        kernel keeps forwarding while the new ExaBGP relearns them and nothing withdrawn meanwhile stays."""
+        for peer, status in self.peers.items():
+            if status.state != "start" or peer in self.rib:
+                self._peer_down(peer, "exabgp exited")
 
     # ------------------------------------------------------------------ desired state in
 
@@ -366,22 +430,7 @@ class ExaBGP:
             if state == "up":
                 self._came_up.append(peer)
             if state == "down":
-                status.downs += 1
-                status.last_down = str(neighbor.get("reason", ""))
-                self.eor.discard(peer)
-                routes = set(self.rib.get(peer, {}))
-                restart_time = min(self.gr_peers.get(peer, 0), self.graceful_restart)
-                if peer in self.stale:
-                    pass  # a failed reconnect while restarting: the restart timer keeps running from the first down
-                elif restart_time and routes:
-                    # RFC 4724: keep forwarding on the peer's routes while it restarts, for the time it asked.
-                    self.stale[peer] = (time.monotonic() + restart_time, routes)
-                    log.info("bgp keeping %d routes of %s for %ss (graceful restart)", len(routes), peer,
-                             restart_time)
-                elif table := self.rib.pop(peer, None):
-                    self.touched.update(table)
-                    self.on_routes()
-                    return True
+                return self._peer_down(peer, str(neighbor.get("reason", "")))
         elif message.get("type") == "open" and neighbor.get("direction") == "receive":
             capabilities = (neighbor.get("open") or {}).get("capabilities") or {}
             restart = [c.get("time") for c in capabilities.values() if isinstance(c, dict)
@@ -403,6 +452,29 @@ class ExaBGP:
             if isinstance(update, dict) and self._apply_update(peer, update):
                 self.on_routes()
                 return True
+        return False
+
+    def _peer_down(self, peer: str, why: str) -> bool:
+        """The peer's session went: keep its routes for its restart time (RFC 4724), or drop them now. True when
+        the RIB changed."""
+        status = self.peers[peer]
+        status.downs += 1
+        status.last_down = why
+        if status.state != "start":
+            status.state, status.info, status.since = "start", f"Active ({why or 'down'})", time.time()
+        self.eor.discard(peer)
+        routes = set(self.rib.get(peer, {}))
+        restart_time = min(self.gr_peers.get(peer, 0), self.graceful_restart)
+        if peer in self.stale:
+            pass  # a failed reconnect while restarting: the restart timer keeps running from the first down
+        elif restart_time and routes:
+            # RFC 4724: keep forwarding on the peer's routes while it restarts, for the time it asked.
+            self.stale[peer] = (time.monotonic() + restart_time, routes)
+            log.info("bgp keeping %d routes of %s for %ss (graceful restart)", len(routes), peer, restart_time)
+        elif table := self.rib.pop(peer, None):
+            self.touched.update(table)
+            self.on_routes()
+            return True
         return False
 
     def _apply_update(self, peer: str, update: dict[str, Any]) -> bool:
@@ -473,6 +545,22 @@ def _prefix(entry: Any) -> str | None:
     """An NLRI as ExaBGP gives it: a plain string (``exabgp.api.compact``) or ``{"nlri": ...}``."""
     nlri = entry.get("nlri") if isinstance(entry, dict) else entry
     return canonical_prefix(nlri) if isinstance(nlri, str) else None
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _address(text: Any) -> bool:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from bgpd.desired import RouteSpec, remote_routes
-from bgpd.speaker.exabgp import ExaBGP
+from bgpd.speaker.exabgp import ExaBGP, reload_outcome
 from bgpd.speaker.peers import (
     GLOBAL,
     MESH,
@@ -245,3 +245,48 @@ def test_prefix_parsing_is_strict_and_canonical() -> None:
     assert accepted(ipaddress.ip_network("fd00:10::40/122"), pools)
     assert not accepted(ipaddress.ip_network("fd00:11::/122"), pools)
     assert accepted(ipaddress.ip_network("10.96.0.0/26"), pools)  # a one-block pool's own CIDR
+
+
+# ExaBGP's own log lines around a SIGUSR1 (ExaBGP 5.0.15, exabgp.log.destination stdout).
+RECEIVED = "reactor         SIGUSR1 received\nreactor         scheduling reload\n"
+PERFORMED = "configuration   performing reload of exabgp 5.0.15\n"
+LOADED = "reactor         loaded new configuration successfully\n"
+PENDING = ("processes       route added to neighbor 10.0.0.13 local-ip 10.0.0.11 local-as 64512 peer-as 64512"
+           " router-id 10.0.0.11 family-allowed in-open : 10.244.29.0/26 next-hop self\n")
+
+
+def test_a_reload_counts_only_when_exabgp_performs_it_after_our_signal() -> None:
+    assert reload_outcome(RECEIVED + PERFORMED + LOADED) == "loaded"
+    # Dropped without a word: a peer not yet Established still had our route queued (the mesh3 flake, as logged
+    # by the node that never configured its third peer).
+    assert reload_outcome(PENDING + RECEIVED + "reactor         connected to peer-1 with incoming-3\n") is None
+    assert reload_outcome("") is None and reload_outcome(RECEIVED) is None  # not acted on yet
+    # Our signal arrived while an earlier reload ran: that one read the old file; ours is still to come.
+    assert reload_outcome(PERFORMED + RECEIVED + LOADED) is None
+    assert reload_outcome(PERFORMED + RECEIVED + LOADED + PERFORMED + LOADED) == "loaded"
+    # Ignored because one was already scheduled: the scheduled one starts later and reads our file.
+    ignored = "reactor         SIGUSR1 received\nreactor         ignoring - still handling previous signal\n"
+    assert reload_outcome(ignored + PERFORMED + LOADED) == "loaded"
+    failed = PERFORMED + "configuration   could not load/reload configuration\n"
+    assert reload_outcome(RECEIVED + failed) == "failed"  # acted on: sending it again would not help
+
+
+def test_exabgp_exiting_keeps_every_peers_routes_as_stale_until_relearned(tmp_path: Path) -> None:
+    speaker = ExaBGP(tmp_path, "10.0.0.11", on_routes=lambda: None)
+    speaker.set_peers(desired_peers(NODES[0], NODES, None, []))
+    for peer, prefix in (("10.0.0.12", "10.244.2.0/26"), ("10.0.0.13", "10.244.3.0/26")):
+        neighbor = {"address": {"local": "10.0.0.11", "peer": peer}}
+        speaker._handle(json.dumps({"type": "open", "neighbor": {**neighbor, "direction": "receive", "open": {
+            "capabilities": {"64": {"name": "graceful restart", "time": 120}}}}}).encode())
+        speaker._handle(json.dumps({"type": "state", "neighbor": {**neighbor, "state": "up"}}).encode())
+        speaker._handle(json.dumps({"type": "update", "neighbor": {**neighbor, "message": {"update": {
+            "announce": {"ipv4 unicast": {peer: [prefix]}}}}}}).encode())
+    speaker._process_gone()  # killed: no "down" reaches the API
+    assert speaker.learned() == {"10.244.2.0/26": ("10.0.0.12",), "10.244.3.0/26": ("10.0.0.13",)}
+    assert {p: s.state for p, s in speaker.peers.items()} == {"10.0.0.12": "start", "10.0.0.13": "start"}
+    assert set(speaker.stale) == {"10.0.0.12", "10.0.0.13"} and not speaker.converged
+    # The new ExaBGP's session to 10.0.0.13 brings End-of-RIB without the route: withdrawn while we were away.
+    neighbor = {"address": {"local": "10.0.0.11", "peer": "10.0.0.13"}}
+    speaker._handle(json.dumps({"type": "state", "neighbor": {**neighbor, "state": "up"}}).encode())
+    speaker._handle(json.dumps({"type": "update", "neighbor": {**neighbor, "message": {"eor": {"afi": "ipv4", "safi": "unicast"}}}}).encode())
+    assert speaker.learned() == {"10.244.2.0/26": ("10.0.0.12",)}

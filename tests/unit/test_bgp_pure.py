@@ -288,5 +288,6 @@ def test_exabgp_exiting_keeps_every_peers_routes_as_stale_until_relearned(tmp_pa
     # The new ExaBGP's session to 10.0.0.13 brings End-of-RIB without the route: withdrawn while we were away.
     neighbor = {"address": {"local": "10.0.0.11", "peer": "10.0.0.13"}}
     speaker._handle(json.dumps({"type": "state", "neighbor": {**neighbor, "state": "up"}}).encode())
-    speaker._handle(json.dumps({"type": "update", "neighbor": {**neighbor, "message": {"eor": {"afi": "ipv4", "safi": "unicast"}}}}).encode())
+    eor = {"eor": {"afi": "ipv4", "safi": "unicast"}}
+    speaker._handle(json.dumps({"type": "update", "neighbor": {**neighbor, "message": eor}}).encode())
     assert speaker.learned() == {"10.244.2.0/26": ("10.0.0.12",)}

@@ -14,9 +14,12 @@ look at the data to find out (see the allocator).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
+import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -190,6 +193,79 @@ class _Transient(Exception):
     pass
 
 
+# Where each TLS setting comes from, as the user wrote it: the environment or calicoctl.cfg.
+_TLS_SETTINGS = {"ca": "ETCD_CA_CERT_FILE (etcdCACertFile)", "cert": "ETCD_CERT_FILE (etcdCertFile)",
+                 "key": "ETCD_KEY_FILE (etcdKeyFile)"}
+
+
+def check_tls_files(config: EtcdConfig) -> None:
+    """Read and parse the configured CA, certificate and key before any connection, so that a missing file, a
+    file that is not PEM, or a certificate and key that do not belong together is named at once (gRPC would
+    only say it "failed to create security handshaker", and keep retrying)."""
+    for path, what in ((config.ca_cert_file, "ca"), (config.cert_file, "cert"), (config.key_file, "key")):
+        if path and not os.access(path, os.R_OK):
+            reason = "no such file" if not os.path.exists(path) else "not readable by this user"
+            raise DatastoreError(f"cannot read {_TLS_SETTINGS[what]} {path}: {reason}; fix the path or its "
+                                 "permissions")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if config.ca_cert_file:
+        try:
+            context.load_verify_locations(cafile=config.ca_cert_file)
+        except (ssl.SSLError, ValueError):
+            raise DatastoreError(f"{_TLS_SETTINGS['ca']} {config.ca_cert_file} holds no PEM CA certificate; give "
+                                 "the CA that signed etcd's server certificate") from None
+    if config.cert_file and config.key_file:
+        try:
+            context.load_cert_chain(config.cert_file, config.key_file)
+        except (ssl.SSLError, ValueError) as exc:
+            mismatch = "KEY_VALUES_MISMATCH" in str(exc)
+            raise DatastoreError(
+                f"{_TLS_SETTINGS['cert']} {config.cert_file} and {_TLS_SETTINGS['key']} {config.key_file} "
+                + ("are not a pair (the key does not match the certificate); give the key of that certificate"
+                   if mismatch else "are not a PEM certificate and its unencrypted PEM key; check both files")
+            ) from None
+
+
+def _speaks_tls(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Whether the server at host:port answers a TLS ClientHello with TLS (whatever it then thinks of us)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # only the protocol matters here, not who the server is
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                context.wrap_socket(raw, server_hostname=host):
+            return True
+    except ssl.SSLError as exc:
+        return "WRONG_VERSION_NUMBER" not in str(exc) and "RECORD_LAYER" not in str(exc)
+    except OSError:
+        return False
+
+
+async def tls_problem(config: EtcdConfig, endpoint: str, details: str) -> str | None:
+    """The TLS misconfiguration a transport failure stems from, as a one-line message saying what to do; None
+    when the failure looks like an ordinary outage (member down, no leader), which failover handles."""
+    parts = urlsplit(endpoint)
+    if parts.scheme == "https":
+        if "CERTIFICATE_VERIFY_FAILED" in details:
+            ca = f"{_TLS_SETTINGS['ca']} {config.ca_cert_file}" if config.ca_cert_file else \
+                f"the system CAs (no {_TLS_SETTINGS['ca']} given)"
+            return (f"etcd at {endpoint}: its server certificate does not verify against {ca}; give the CA that "
+                    "signed etcd's certificate (and a certificate valid for that host)")
+        if "TSI_DATA_CORRUPTED" in details or "BAD_CERTIFICATE" in details or "CERTIFICATE_REQUIRED" in details:
+            if not config.cert_file:
+                return (f"etcd at {endpoint} requires a client certificate: set {_TLS_SETTINGS['cert']} and "
+                        f"{_TLS_SETTINGS['key']}")
+            return (f"etcd at {endpoint} rejected the client certificate {config.cert_file}: give one signed by the "
+                    "CA etcd trusts (its --trusted-ca-file)")
+        if "Handshake read failed" in details or "WRONG_VERSION_NUMBER" in details:
+            return f"etcd at {endpoint} does not speak TLS: use http:// for it in ETCD_ENDPOINTS, or enable TLS on etcd"
+    elif "Socket closed" in details and parts.hostname and parts.port and \
+            await asyncio.to_thread(_speaks_tls, parts.hostname, parts.port):
+        return (f"etcd at {endpoint} serves TLS: use https:// in ETCD_ENDPOINTS, with {_TLS_SETTINGS['ca']}, "
+                f"{_TLS_SETTINGS['cert']} and {_TLS_SETTINGS['key']}")
+    return None
+
+
 class Datastore:
     """An etcd v3 client over a list of endpoints. Use as ``async with Datastore(config) as store``."""
 
@@ -204,21 +280,17 @@ class Datastore:
     def _load_credentials(config: EtcdConfig) -> grpc.ChannelCredentials | None:
         if not any(e.startswith("https://") for e in config.endpoints):
             return None
+        check_tls_files(config)
 
-        def read(path: str | None, what: str) -> bytes | None:
+        def read(path: str | None) -> bytes | None:
             if not path:
                 return None
-            try:
-                with open(path, "rb") as handle:
-                    return handle.read()
-            except OSError as exc:
-                raise DatastoreError(f"cannot read {what} {path}: {exc.strerror}") from None
+            with open(path, "rb") as handle:
+                return handle.read()
 
-        return grpc.ssl_channel_credentials(
-            root_certificates=read(config.ca_cert_file, "ETCD_CA_CERT_FILE"),
-            private_key=read(config.key_file, "ETCD_KEY_FILE"),
-            certificate_chain=read(config.cert_file, "ETCD_CERT_FILE"),
-        )
+        return grpc.ssl_channel_credentials(root_certificates=read(config.ca_cert_file),
+                                            private_key=read(config.key_file),
+                                            certificate_chain=read(config.cert_file))
 
     async def __aenter__(self) -> Datastore:
         return self
@@ -259,6 +331,7 @@ class Datastore:
     async def _txn(self, request: Any, mutation: bool) -> tuple[Any, bool]:
         ambiguous = False
         errors: list[str] = []
+        tls_failures: dict[int, str] = {}  # endpoint index -> what is wrong with TLS there
         retrying = AsyncRetrying(stop=stop_after_delay(self.config.failover_timeout), wait=self._failover_wait,
                                  retry=retry_if_exception_type(_Transient), reraise=True)
         try:
@@ -273,6 +346,12 @@ class Datastore:
                                                  f"{exc.details()}") from None
                         ambiguous = ambiguous or mutation
                         errors.append(f"{self.config.endpoints[index]}: {exc.details()}")
+                        # A certificate problem does not heal by waiting: once every endpoint has shown one, say so.
+                        problem = await tls_problem(self.config, self.config.endpoints[index], exc.details() or "")
+                        if problem:
+                            tls_failures[index] = problem
+                            if len(tls_failures) == len(self.config.endpoints):
+                                raise DatastoreError(problem) from None
                         if self._current == index:
                             self._current = (index + 1) % len(self.config.endpoints)
                             self.failovers += 1

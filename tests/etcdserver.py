@@ -4,6 +4,9 @@ ours (Debian's ``etcd-server``, etcd 3.4) with its own data dir and log file.
 Members are started with ``start_new_session=True`` and are only ever signalled by the PID we started; every
 ``stop`` reaps the process, so nothing is left behind, not even a zombie. Ports are picked by binding to
 ``127.0.0.1:0``; when a port gets taken before etcd binds it, the cluster start is retried with new ports.
+
+With ``tls=`` (a :class:`TestPKI` from :func:`make_test_pki`), members serve clients over https and require a
+client certificate signed by the test CA (``--client-cert-auth``); peers still talk plain http on loopback.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -32,10 +36,12 @@ __all__ = [
     "EtcdCluster",
     "EtcdMember",
     "EtcdStartError",
+    "TestPKI",
     "etcd_available",
     "etcdctl",
     "free_port",
     "free_ports",
+    "make_test_pki",
     "wipe_all_keys",
 ]
 
@@ -116,6 +122,79 @@ def _port_bindable(port: int) -> bool:
 _NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+@dataclass(frozen=True)
+class TestPKI:
+    """A throw-away CA with a server certificate (for 127.0.0.1 and localhost) and a client certificate, plus a
+    second, unrelated CA with its own client certificate: what a wrong certificate looks like."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca_cert: Path
+    other_client_cert: Path
+    other_client_key: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        """What our probes (``/health``, ``/metrics``) present to a member started with this PKI."""
+        context = ssl.create_default_context(cafile=str(self.ca_cert))
+        context.load_cert_chain(str(self.client_cert), str(self.client_key))
+        return context
+
+
+def _openssl(*args: str | Path) -> None:
+    result = subprocess.run(["openssl", *map(str, args)], capture_output=True, text=True, timeout=30, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"openssl {' '.join(map(str, args[:2]))} failed: {result.stderr.strip()}")
+
+
+def _new_key_and_csr(directory: Path, name: str, common_name: str) -> tuple[Path, Path]:
+    key, csr = directory / f"{name}.key", directory / f"{name}.csr"
+    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", key, "-out", csr, "-subj", f"/CN={common_name}")
+    return key, csr
+
+
+def _self_signed_ca(directory: Path, name: str) -> tuple[Path, Path]:
+    key, cert = directory / f"{name}.key", directory / f"{name}.crt"
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+             "-keyout", key, "-out", cert, "-subj", f"/CN=calico-py test {name}",
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    return key, cert
+
+
+def _sign(directory: Path, name: str, csr: Path, ca: tuple[Path, Path], extensions: str) -> Path:
+    cert, ext_file = directory / f"{name}.crt", directory / f"{name}.ext"
+    ext_file.write_text(extensions)
+    ca_key, ca_cert = ca
+    _openssl("x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key, "-CAcreateserial", "-days", "2",
+             "-out", cert, "-extfile", ext_file)
+    return cert
+
+
+def make_test_pki(directory: Path) -> TestPKI:
+    """Generate the CAs and certificates under ``directory`` with the ``openssl`` command (ECDSA P-256: fast)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = _self_signed_ca(directory, "ca")
+    other_ca = _self_signed_ca(directory, "other-ca")
+    server_key, server_csr = _new_key_and_csr(directory, "server", "etcd")
+    server_cert = _sign(directory, "server", server_csr, ca,
+                        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    client_ext = "extendedKeyUsage=clientAuth\n"
+    client_key, client_csr = _new_key_and_csr(directory, "client", "calico-py")
+    client_cert = _sign(directory, "client", client_csr, ca, client_ext)
+    other_key, other_csr = _new_key_and_csr(directory, "other-client", "calico-py")
+    other_cert = _sign(directory, "other-client", other_csr, other_ca, client_ext)
+    for key in directory.glob("*.key"):
+        key.chmod(0o600)
+    return TestPKI(ca_cert=ca[1], server_cert=server_cert, server_key=server_key, client_cert=client_cert,
+                   client_key=client_key, other_ca_cert=other_ca[1], other_client_cert=other_cert,
+                   other_client_key=other_key)
+
+
 class EtcdStartError(RuntimeError):
     """A member did not come up; ``address_in_use`` says whether it lost one of its ports to someone else."""
 
@@ -135,10 +214,11 @@ class EtcdMember:
     cluster_token: str = "etcd-test"
     log_offset: int = 0  # size of the log when the current run started
     fsync: bool = False  # False adds --unsafe-no-fsync (tests); True for benchmarks
+    tls: TestPKI | None = None  # clients over https with client certificates
 
     @property
     def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
 
     @property
     def endpoint(self) -> str:
@@ -170,6 +250,9 @@ class EtcdMember:
         ]
         if not self.fsync and _supports_unsafe_no_fsync():
             cmd.append("--unsafe-no-fsync")
+        if self.tls is not None:
+            cmd += ["--cert-file", str(self.tls.server_cert), "--key-file", str(self.tls.server_key),
+                    "--trusted-ca-file", str(self.tls.ca_cert), "--client-cert-auth"]
         return cmd
 
     def start(self, initial_cluster: str, state: str = "new") -> None:
@@ -243,7 +326,13 @@ class EtcdMember:
     def _get(self, url: str, timeout: float) -> bytes | None:
         """The body of a GET (also of an HTTP error answer), or None when nothing answered."""
         try:
-            with _NO_PROXY_OPENER.open(url, timeout=timeout) as response:
+            if url.startswith("https://"):
+                assert self.tls is not None
+                opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                                     urllib.request.HTTPSHandler(context=self.tls.client_context()))
+            else:
+                opener = _NO_PROXY_OPENER
+            with opener.open(url, timeout=timeout) as response:
                 return response.read()
         except urllib.error.HTTPError as exc:
             return exc.read()
@@ -323,8 +412,9 @@ class EtcdMember:
 class EtcdCluster:
     """``size`` members on loopback, each with its data dir and log under ``base_dir``."""
 
-    def __init__(self, size: int, base_dir: Path, fsync: bool = False) -> None:
-        """``fsync=True`` keeps etcd's disk syncs, for benchmarks that should look like production."""
+    def __init__(self, size: int, base_dir: Path, fsync: bool = False, tls: TestPKI | None = None) -> None:
+        """``fsync=True`` keeps etcd's disk syncs, for benchmarks that should look like production; ``tls`` serves
+        clients over https only, to clients with a certificate from its CA."""
         if size < 1:
             raise ValueError("an etcd cluster needs at least one member")
         self.size = size
@@ -337,7 +427,8 @@ class EtcdCluster:
             name = f"m{index}"
             self.members.append(EtcdMember(
                 name=name, client_port=ports[2 * index], peer_port=ports[2 * index + 1],
-                data_dir=self.base_dir / f"{name}.data", log_path=self.base_dir / f"{name}.log", fsync=fsync))
+                data_dir=self.base_dir / f"{name}.data", log_path=self.base_dir / f"{name}.log", fsync=fsync,
+                tls=tls))
 
     @property
     def endpoints(self) -> list[str]:
@@ -480,10 +571,14 @@ class EtcdCluster:
         self.stop()
 
 
-def etcdctl(endpoints: Sequence[str], *args: str, timeout: float = 15.0,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run ``etcdctl`` (API v3) against ``endpoints``; with ``check``, RuntimeError on a non-zero exit."""
-    cmd = [ETCDCTL_BINARY, "--endpoints", ",".join(endpoints), *args]
+def etcdctl(endpoints: Sequence[str], *args: str, timeout: float = 15.0, check: bool = True,
+            tls: TestPKI | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``etcdctl`` (API v3) against ``endpoints``; with ``check``, RuntimeError on a non-zero exit; with
+    ``tls``, as the PKI's good client."""
+    cmd = [ETCDCTL_BINARY, "--endpoints", ",".join(endpoints)]
+    if tls is not None:
+        cmd += ["--cacert", str(tls.ca_cert), "--cert", str(tls.client_cert), "--key", str(tls.client_key)]
+    cmd += args
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
                             env=_clean_env("ETCDCTL_", ETCDCTL_API="3"))
     if check and result.returncode != 0:
@@ -491,9 +586,9 @@ def etcdctl(endpoints: Sequence[str], *args: str, timeout: float = 15.0,
     return result
 
 
-def wipe_all_keys(endpoints: Sequence[str]) -> None:
+def wipe_all_keys(endpoints: Sequence[str], tls: TestPKI | None = None) -> None:
     """Delete every key in the cluster."""
-    etcdctl(endpoints, "del", "", "--from-key=true")
+    etcdctl(endpoints, "del", "", "--from-key=true", tls=tls)
 
 
 @atexit.register

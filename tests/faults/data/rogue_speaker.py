@@ -1,0 +1,138 @@
+"""A minimal BGP-4 speaker (RFC 4271) for the rogue-peer fault test: it waits for the calico-py node to connect
+(passive, port 179), opens the session, announces one route inside the pool, keeps the session alive, and on
+the line ``malformed`` on stdin sends an UPDATE whose attribute lengths overrun the message (RFC 7606: a session
+reset, nothing else can be trusted in it). After a reset it accepts the node's next connection and behaves.
+
+Standard library only; run inside the lab's ``raw`` namespace:
+``rogue_speaker.py LOCAL_ADDRESS LOCAL_AS PREFIX``. Events go to stdout, one line each.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import select
+import socket
+import struct
+import sys
+import time
+
+MARKER = b"\xff" * 16
+OPEN, UPDATE, NOTIFICATION, KEEPALIVE = 1, 2, 3, 4
+HOLD_TIME = 30
+
+
+def message(kind: int, body: bytes = b"") -> bytes:
+    return MARKER + struct.pack("!HB", 19 + len(body), kind) + body
+
+
+def open_message(local_as: int, router_id: str) -> bytes:
+    capabilities = (bytes([1, 4]) + struct.pack("!HBB", 1, 0, 1)  # multiprotocol: IPv4 unicast
+                    + bytes([65, 4]) + struct.pack("!I", local_as))  # four-octet AS numbers
+    parameters = bytes([2, len(capabilities)]) + capabilities
+    two_octet_as = local_as if local_as < 65536 else 23456  # AS_TRANS
+    body = struct.pack("!BHH4sB", 4, two_octet_as, HOLD_TIME, socket.inet_aton(router_id), len(parameters))
+    return message(OPEN, body + parameters)
+
+
+def attribute(flags: int, code: int, value: bytes) -> bytes:
+    return struct.pack("!BBB", flags, code, len(value)) + value
+
+
+def announce(prefix: str, local_as: int, next_hop: str) -> bytes:
+    network = ipaddress.IPv4Network(prefix)
+    attributes = (attribute(0x40, 1, b"\x00")  # ORIGIN IGP
+                  + attribute(0x40, 2, bytes([2, 1]) + struct.pack("!I", local_as))  # AS_PATH: one AS_SEQUENCE
+                  + attribute(0x40, 3, socket.inet_aton(next_hop)))  # NEXT_HOP
+    length = network.prefixlen
+    nlri = bytes([length]) + network.network_address.packed[:(length + 7) // 8]
+    return message(UPDATE, struct.pack("!H", 0) + struct.pack("!H", len(attributes)) + attributes + nlri)
+
+
+def malformed() -> bytes:
+    """ORIGIN, then an AS_PATH claiming 200 octets where 6 follow: the attribute list overruns the message."""
+    attributes = attribute(0x40, 1, b"\x00") + struct.pack("!BBB", 0x40, 2, 200) + bytes([2, 1]) + b"\x00\x00\xfe\x4b"
+    nlri = bytes([24, 10, 244, 231])
+    return message(UPDATE, struct.pack("!H", 0) + struct.pack("!H", len(attributes)) + attributes + nlri)
+
+
+def receive(conn: socket.socket) -> tuple[int, bytes] | None:
+    header = b""
+    while len(header) < 19:
+        chunk = conn.recv(19 - len(header))
+        if not chunk:
+            return None
+        header += chunk
+    length, kind = struct.unpack("!HB", header[16:19])
+    body = b""
+    while len(body) < length - 19:
+        chunk = conn.recv(length - 19 - len(body))
+        if not chunk:
+            return None
+        body += chunk
+    return kind, body
+
+
+def say(*words: object) -> None:
+    print(*words, flush=True)
+
+
+def session(conn: socket.socket, local_address: str, local_as: int, prefix: str) -> bool:
+    """One session, until the peer ends it (False) or the test closes our stdin (True: stop)."""
+    conn.sendall(open_message(local_as, local_address))
+    established = False
+    last_keepalive = time.monotonic()
+    while True:
+        readable, _, _ = select.select([conn, sys.stdin], [], [], 1.0)
+        if time.monotonic() - last_keepalive > HOLD_TIME / 3:
+            conn.sendall(message(KEEPALIVE))
+            last_keepalive = time.monotonic()
+        if sys.stdin in readable:
+            command = sys.stdin.readline()
+            if not command:
+                return True
+            if command.strip() == "malformed" and established:
+                conn.sendall(malformed())
+                say("sent malformed update")
+        if conn not in readable:
+            continue
+        received = receive(conn)
+        if received is None:
+            say("connection closed by peer")
+            return False
+        kind, body = received
+        if kind == OPEN:
+            conn.sendall(message(KEEPALIVE))
+        elif kind == KEEPALIVE and not established:
+            established = True
+            say("established")
+            conn.sendall(announce(prefix, local_as, local_address))
+            say("announced", prefix)
+        elif kind == NOTIFICATION:
+            say("notification received", body[0], body[1])
+            return False
+
+
+def main() -> None:
+    local_address, local_as, prefix = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((local_address, 179))
+    listener.listen(1)
+    say("listening")
+    while True:
+        readable, _, _ = select.select([listener, sys.stdin], [], [])
+        if sys.stdin in readable and not sys.stdin.readline():
+            return
+        if listener in readable:
+            conn, peer = listener.accept()
+            say("connected", peer[0])
+            with conn:
+                try:
+                    if session(conn, local_address, local_as, prefix):
+                        return
+                except OSError as exc:
+                    say("session error", exc)
+
+
+if __name__ == "__main__":
+    main()

@@ -73,15 +73,19 @@ class DaemonCollector(Collector):
                                labels=["peer", "type"])
         learned = GaugeMetricFamily("calico_py_bgp_routes_learned", "Prefixes in the peer's table",
                                     labels=["peer"])
+        rejected = CounterMetricFamily("calico_py_bgp_routes_rejected", "Routes from the peer the import filter "
+                                       "refused, by reason", labels=["peer", "reason"])
         states: dict[str, int] = {}
         for peer in s.get("peers", []):
             state = "established" if peer["state"] == "up" else "active"
             states[state] = states.get(state, 0) + 1
             up.add_metric([peer["address"], peer["type"]], 1.0 if peer["state"] == "up" else 0.0)
             learned.add_metric([peer["address"]], float(peer.get("learned", 0)))
+            for reason, count in sorted((peer.get("rejected") or {}).items()):
+                rejected.add_metric([peer["address"], reason], float(count))
         for state in ("established", "active"):
             sessions.add_metric([state], float(states.get(state, 0)))
-        yield from (sessions, up, learned)
+        yield from (sessions, up, learned, rejected)
         yield GaugeMetricFamily("calico_py_bgp_routes_advertised", "Prefixes this node announces",
                                 value=float(s.get("advertised", 0)))
         kernel = GaugeMetricFamily("calico_py_kernel_routes", "Routes of ours in the kernel, by type, as of the "

@@ -165,27 +165,56 @@ def canonical_prefix(text: str) -> str | None:
     return f"{socket.inet_ntop(socket.AF_INET, parsed[0].to_bytes(4, 'big'))}/{parsed[1]}"
 
 
+# Why the import filter refuses a path (the ``reason`` label of calico_py_bgp_routes_rejected_total).
+OUTSIDE_POOLS = "outside-pools"  # not inside any IP pool: a node, service or Internet prefix
+DEFAULT_ROUTE = "default-route"  # 0.0.0.0/0 or ::/0: would take every destination the node has no route for
+WHOLE_POOL = "whole-pool"  # a pool's own CIDR (of a pool of several blocks): no node owns it
+MORE_SPECIFIC = "more-specific-than-block"  # between the block size and a host route: nodes never announce it
+AS_PATH_TOO_LONG = "as-path-too-long"
+MALFORMED = "malformed"  # the peer sent an UPDATE the speaker could not parse (the session is reset)
+MAX_AS_PATH = 100  # ASNs; paths between pod networks are a handful long; prepending floods stop here
+
+
 class PoolFilter:
-    """The import filter: only prefixes inside a pool are accepted (a peer cannot inject 0.0.0.0/0 or a node
-    address); a pool's own CIDR only when the pool is one block. Pools are kept as integers, so a burst of
+    """The import filter (see docs/bgp.md, "What a peer may announce"). Accepted: prefixes inside a pool, that
+    is an aggregate of blocks, a block (a pool's own CIDR only when the pool is one block), or a host route (an
+    address borrowed from another node's block: the longest prefix wins over that block). Refused: anything
+    outside the pools (a default route, node or service addresses), a prefix between the block size and a host
+    route (a /28 inside a /26 block: calico-py never announces one, so it can only take part of another node's
+    block away), and a path longer than :data:`MAX_AS_PATH` ASNs. Pools are kept as integers, so a burst of
     routes costs an integer comparison per pool each."""
 
     def __init__(self, pools: Iterable[IPPool]) -> None:
         self._pools = [(p.cidr.version, int(p.cidr.network_address), p.cidr.prefixlen, p.block_size) for p in pools]
 
     def __call__(self, prefix: str) -> bool:
+        return self.reason(prefix) is None
+
+    def reason(self, prefix: str, as_path_length: int = 0) -> str | None:
+        """Why the path is refused, or None when it is accepted."""
         version = 6 if ":" in prefix else 4
         parsed = parse_prefix(prefix, socket.AF_INET6 if version == 6 else socket.AF_INET)
         if parsed is None:
-            return False
+            return MALFORMED
         value, prefixlen = parsed
+        if prefixlen == 0:
+            return DEFAULT_ROUTE
         bits = 32 if version == 4 else 128
+        verdict = OUTSIDE_POOLS
         for pool_version, network, pool_len, block_size in self._pools:
-            if (pool_version == version and prefixlen >= pool_len
-                    and value >> (bits - pool_len) == network >> (bits - pool_len)
-                    and (prefixlen > pool_len or block_size == pool_len)):
-                return True
-        return False
+            if (pool_version != version or prefixlen < pool_len
+                    or value >> (bits - pool_len) != network >> (bits - pool_len)):
+                continue
+            if prefixlen == pool_len and block_size != pool_len:
+                verdict = WHOLE_POOL
+            elif block_size < prefixlen < bits:
+                verdict = MORE_SPECIFIC
+            else:
+                verdict = None
+                break
+        if verdict is None and as_path_length > MAX_AS_PATH:
+            return AS_PATH_TOO_LONG
+        return verdict
 
 
 def accepted(prefix: IPNetwork, pools: Iterable[IPPool]) -> bool:

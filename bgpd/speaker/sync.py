@@ -12,13 +12,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bgpd.speaker.exabgp import ExaBGP, PeerStatus
-from bgpd.speaker.peers import MESH_PASSWORD, NodeInfo, PoolFilter, announcements, desired_peers, secret_ref
+from bgpd.speaker.exabgp import Accept, ExaBGP, PeerStatus
+from bgpd.speaker.peers import (
+    AS_PATH_TOO_LONG,
+    MALFORMED,
+    MESH_PASSWORD,
+    BGPPath,
+    NodeInfo,
+    PoolFilter,
+    announcements,
+    desired_peers,
+    secret_ref,
+)
 from ipam import keys
 from ipam.datastore import Datastore
 from ipam.model import BlockAffinity, IPPool
 
 log = logging.getLogger("calico-py-node.bgp")
+REJECTIONS_LOGGED = 20  # warnings per pass; a peer flooding bad routes gets one line for the rest
+# ExaBGP's reason for a session it closed over a bad UPDATE: "notification sent (3,<subcode>) ..." (RFC 4271 6.3)
+MALFORMED_NOTIFICATION = re.compile(r"notification sent \(3,|UPDATE message error", re.IGNORECASE)
 
 
 def restart_seconds(duration: str | None, default: int = 120) -> int:
@@ -55,27 +68,66 @@ class BGPSync:
         self.node = node
         self.interval = interval
         self.pools: list[IPPool] = []
+        self.rejected: dict[tuple[str, str], str] = {}  # (peer, prefix) -> why, while the peer announces it
+        self.rejected_total: dict[tuple[str, str], int] = {}  # (peer, reason) -> paths refused since start
+        self._downs_seen: dict[str, int] = {}  # peer -> its session losses already looked at
 
     def learned(self) -> dict[str, tuple[str, ...]]:
-        """Routes from peers (prefix -> next hops), only those inside a pool: a peer cannot inject a default
-        route or a node address."""
-        return self._accepted(self.speaker.learned())
+        """Routes from peers (prefix -> next hops of the accepted paths), as the import filter lets them through
+        (:class:`PoolFilter`): a peer cannot inject a default route, a node address or part of another node's
+        block."""
+        verdicts: dict[tuple[str, str], str] = {}
+        routes = self.speaker.learned(self._accept_into(verdicts))
+        self._account(verdicts, gone=set(self.rejected))
+        return routes
 
     def learned_changes(self) -> dict[str, tuple[str, ...]]:
-        """The same for the prefixes changed since the last call; a prefix outside the pools has no next hop."""
-        return self._accepted(self.speaker.learned_changes(), keep_rejected=True)
+        """The same for the prefixes changed since the last call; a prefix no accepted path offers has no next
+        hop (withdrawn)."""
+        verdicts: dict[tuple[str, str], str] = {}
+        routes = self.speaker.learned_changes(self._accept_into(verdicts))
+        self._account(verdicts, gone={key for key in self.rejected if key[1] in routes})
+        return routes
 
-    def _accepted(self, routes: dict[str, tuple[str, ...]], keep_rejected: bool = False) -> dict[str, tuple[str, ...]]:
-        out = {}
+    def _accept_into(self, verdicts: dict[tuple[str, str], str]) -> Accept:
         accept = PoolFilter(self.pools)
-        for prefix, next_hops in routes.items():
-            if accept(prefix):
-                out[prefix] = next_hops
-            else:
-                log.debug("bgp route %s via %s outside every pool: ignored", prefix, ",".join(next_hops))
-                if keep_rejected:
-                    out[prefix] = ()
-        return out
+
+        def judge(peer: str, prefix: str, path: BGPPath) -> bool:
+            reason = accept.reason(prefix, len(path.as_path))
+            if reason is not None:
+                verdicts[(peer, prefix)] = reason
+            return reason is None
+        return judge
+
+    def _account(self, verdicts: dict[tuple[str, str], str], gone: set[tuple[str, str]]) -> None:
+        """Count and log each path refused, once while the peer keeps announcing it: the filter runs again on every
+        reconcile, the peer's announcement happened once. ``gone``: the refused paths this pass looked at again
+        (those not refused any more were withdrawn or are accepted now)."""
+        fresh = [(key, reason) for key, reason in verdicts.items() if self.rejected.get(key) != reason]
+        for key in gone - set(verdicts):
+            del self.rejected[key]
+        self.rejected.update(verdicts)
+        for (peer, _prefix), reason in fresh:
+            self.rejected_total[(peer, reason)] = self.rejected_total.get((peer, reason), 0) + 1
+        for (peer, prefix), reason in fresh[:REJECTIONS_LOGGED]:
+            path = self.speaker.rib.get(peer, {}).get(prefix)
+            log.warning("bgp route %s from peer %s rejected (%s)%s", prefix, peer, reason,
+                        f": AS path of {len(path.as_path)} ASNs" if path and reason == AS_PATH_TOO_LONG else "")
+        if len(fresh) > REJECTIONS_LOGGED:
+            log.warning("bgp %d more routes rejected (see calico_py_bgp_routes_rejected_total)",
+                        len(fresh) - REJECTIONS_LOGGED)
+
+    def note_malformed(self) -> None:
+        """Count sessions ExaBGP closed because the peer sent an UPDATE it could not parse (its NOTIFICATION says
+        UPDATE Message Error, RFC 4271 6.3): the routes in it never reached us, the reset is what there is to
+        count. Attribute errors RFC 7606 handles as treat-as-withdraw keep the session and are not seen here."""
+        for address, peer in self.speaker.peers.items():
+            if peer.downs == self._downs_seen.get(address, 0):
+                continue
+            self._downs_seen[address] = peer.downs
+            if MALFORMED_NOTIFICATION.search(peer.last_down):
+                self.rejected_total[(address, MALFORMED)] = self.rejected_total.get((address, MALFORMED), 0) + 1
+                log.warning("bgp peer %s sent a malformed UPDATE: session reset (%s)", address, peer.last_down)
 
     async def sync_once(self) -> None:
         nodes_prefix, peers_prefix = keys.resource_prefix("nodes"), keys.resource_prefix("bgppeers")
@@ -102,6 +154,7 @@ class BGPSync:
         self.speaker.cluster_id = me.rr_cluster_id
         self.speaker.set_graceful_restart(restart_seconds((config or {}).get("spec", {}).get("nodeMeshMaxRestartTime")))
         self.speaker.expire_stale()
+        self.note_malformed()
         bgp_peers = [kv.json() for kv in snapshot.prefixes[peers_prefix]]
         passwords: dict[str, str] = {}
         references = [((p.get("metadata") or {}).get("name", ""), secret_ref(p.get("spec") or {}, "password"))
@@ -139,7 +192,9 @@ class BGPSync:
     def status(self) -> list[dict[str, Any]]:
         return [{"address": address, "family": "IPv4", "type": peer.spec.kind, "state": peer.state,
                  "since": time.strftime("%H:%M:%S", time.localtime(peer.since)), "info": self._info(peer),
-                 "learned": len(self.speaker.rib.get(address, {}))}
+                 "learned": len(self.speaker.rib.get(address, {})),
+                 "rejected": {reason: count for (peer_address, reason), count in sorted(self.rejected_total.items())
+                              if peer_address == address}}
                 for address, peer in sorted(self.speaker.peers.items())]
 
     @staticmethod

@@ -32,7 +32,7 @@ from bgpd.speaker.peers import (
     reflections,
     render_exabgp,
 )
-from bgpd.unixsock import bind_abstract
+from bgpd.unixsock import bind_abstract, peer_uid
 
 log = logging.getLogger("calico-py-node.bgp")
 API_SOCKET = "\0calico-py-exabgp"
@@ -387,6 +387,13 @@ class ExaBGP:
     # ------------------------------------------------------------------ the API connection
 
     async def _api(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The socket is abstract: any process in the node's network namespace can connect. Only ExaBGP's relay
+        # (our child, our uid) may: anyone else could feed us routes or take over ExaBGP's command channel.
+        caller = peer_uid(writer.get_extra_info("socket"))
+        if caller != os.geteuid():
+            log.warning("refused a connection to the ExaBGP API socket from uid %d: only ExaBGP may use it", caller)
+            writer.close()
+            return
         self._writer = writer
         self._api_ready.set()
         self.announced = set()  # a new ExaBGP knows nothing yet

@@ -9,7 +9,8 @@ Layout of a deployed lab ``L``:
   ``<run dir>/state.json``; logs and daemon state in ``<run dir>/<node>/``.
 
 Deploy is idempotent (what exists is kept, what is missing is made; ``exec:`` runs when a node's namespace is
-created). Destroy works from the topology file alone, so it also cleans up after a runner that crashed.
+created), so after ``destroy_node`` it brings that one node back. Destroy works from the topology file alone, so it
+also cleans up after a runner that crashed.
 """
 
 from __future__ import annotations
@@ -315,6 +316,30 @@ class Lab:
             if left:
                 raise LabError(f"could not delete namespaces {', '.join(left)}")
             shutil.rmtree(self.run_dir, ignore_errors=True)
+        return time.monotonic() - started_at
+
+    def destroy_node(self, name: str) -> float:
+        """Take one node out of a running lab, as a host or container that dies: its processes and anything else
+        running in its namespace stop, the namespace goes and with it the node's ends of its links (a veth's peer
+        goes with it, in the neighbour or bridge) and its disk (the state directory; logs are kept). The rest of
+        the lab keeps running; ``deploy`` makes the node again (namespace, links, ``exec:``, daemons)."""
+        ns = self.netns(name)
+        started_at = time.monotonic()
+        with self._locked():
+            processes = self._load_processes()
+            netns.stop_pids([(p.pid, p.started) for p in processes if p.node == name])
+            netns.stop_pids([(pid, None) for pid in netns.namespace_pids(ns)], grace=2.0)
+            netns.delete_namespace(ns)
+            if ns in netns.namespaces():
+                raise LabError(f"could not delete namespace {ns} of node {name}")
+            node_dir = self.run_dir / name
+            for entry in node_dir.iterdir() if node_dir.is_dir() else ():
+                if entry.suffix != ".log":
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
+            self._save([p for p in processes if p.node != name])
         return time.monotonic() - started_at
 
     # ------------------------------------------------------------------ inspect and exec

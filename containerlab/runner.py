@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--name", help="override the lab name of the file")
         if name == "inspect":
             cmd.add_argument("-o", "--format", choices=("table", "json"), default="table")
+        if name == "destroy":
+            cmd.add_argument("--node", help="destroy only this node (deploy brings it back)")
         if name == "exec":
             cmd.add_argument("--node", required=True)
             cmd.add_argument("argv", nargs=argparse.REMAINDER, help="-- command and arguments")
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             print(_table(lab.inspect()))
             if args.command == "demo":
                 return demo.run(lab)
+        elif args.command == "destroy" and args.node:
+            seconds = lab.destroy_node(args.node)
+            print(f"node {args.node} of lab {topology.name} destroyed in {seconds:.2f}s")
         elif args.command == "destroy":
             seconds = lab.destroy()
             print(f"lab {topology.name} destroyed in {seconds:.2f}s")

@@ -32,6 +32,13 @@ from ipam.pools import list_pools
 log = logging.getLogger("calico-py-node.cni")
 T = TypeVar("T")
 MAIN, IPAM_PLUGIN = "calico-py", "calico-py-ipam"
+# How long a failed ADD's clean-up waits for a datastore that was just found unreachable: the store already had
+# its full failover time, so waiting that long again would only double the runtime's wait for the same answer.
+UNDO_DATASTORE_SECONDS = 3.0
+
+
+class DatastoreDown(CNIError):
+    """The datastore did not answer within its failover time (code 11, try again later)."""
 
 
 def with_addresses(workload: workloads.Workload, addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address]
@@ -121,12 +128,13 @@ class CNIHandler:
             return await {"ADD": self._add, "DEL": self._del, "CHECK": self._check}[command](request)
         return await {"ADD": self._ipam_add, "DEL": self._ipam_del, "CHECK": self._ipam_check}[command](request)
 
-    @staticmethod
-    async def _datastore(call: Awaitable[T]) -> T:
+    async def _datastore(self, call: Awaitable[T]) -> T:
         try:
             return await call
         except DatastoreUnavailable as exc:
-            raise CNIError(spec.TRY_AGAIN_LATER, "datastore unreachable; try again later", str(exc)) from None
+            endpoints = ",".join(self.ipam.store.config.endpoints)
+            raise DatastoreDown(spec.TRY_AGAIN_LATER, f"etcd datastore unreachable at {endpoints}: check that "
+                                                      "etcd is running and reachable, then retry", str(exc)) from None
         except (PoolExhausted, NoEligiblePool) as exc:
             raise CNIError(spec.IPAM_EXHAUSTED, str(exc)) from None
         except IPAMError as exc:
@@ -252,7 +260,7 @@ class CNIHandler:
             await _all(steps)
             await self.netlink.run(lambda _: workloads.route_to_pod(workload, index))
         except BaseException as exc:
-            await self._undo(workload, request, wep)
+            await self._undo(workload, request, wep, datastore_down=isinstance(exc, DatastoreDown))
             if isinstance(exc, workloads.NetnsGone):
                 raise CNIError(spec.UNKNOWN_CONTAINER, str(exc)) from None
             if isinstance(exc, workloads.PlumbingError):
@@ -272,13 +280,28 @@ class CNIHandler:
         )
         return result.to_json(request.cni_version)
 
-    async def _undo(self, workload: workloads.Workload, request: Request, wep: WorkloadEndpoint | None) -> None:
+    async def _undo(self, workload: workloads.Workload, request: Request, wep: WorkloadEndpoint | None,
+                    datastore_down: bool = False) -> None:
         """Take back whatever a failed ADD made; the ADD's own error is what the runtime hears, so a failure
-        here is logged (what is left is found by the reconciler, ``ipam check`` and GC)."""
-        steps: list[Awaitable[Any]] = [self.netlink.run(lambda ipr: workloads.remove(ipr, workload.host_if)),
-                                       self.ipam.release_by_handle(request.handle_id)]
-        if wep is not None:
-            steps.append(delete_wep(self.ipam.store, wep.namespace, wep.name))
+        here is logged (what is left is found by the reconciler, ``ipam check`` and GC). With the datastore
+        unreachable its part gets a short try only: the veth goes at once either way."""
+
+        async def forget() -> None:
+            records = [self.ipam.release_by_handle(request.handle_id)]
+            if wep is not None:
+                records.append(delete_wep(self.ipam.store, wep.namespace, wep.name))
+            if not datastore_down:
+                await _all(records)
+                return
+            try:
+                await asyncio.wait_for(_all(records), timeout=UNDO_DATASTORE_SECONDS)
+            except (TimeoutError, DatastoreUnavailable):
+                # Nothing reached etcd unless a write committed just as the connection broke; then the handle
+                # is left, and the runtime's DEL for this failed ADD (or ipam gc) releases it.
+                log.warning("cni ADD %s: etcd still unreachable; handle %s released later by DEL or GC if any "
+                            "of its writes landed", request.container_id, request.handle_id)
+
+        steps: list[Awaitable[Any]] = [self.netlink.run(lambda ipr: workloads.remove(ipr, workload.host_if)), forget()]
         for outcome in await asyncio.gather(*steps, return_exceptions=True):
             if isinstance(outcome, BaseException):
                 log.warning("cni ADD %s: cleaning up after the failure failed too: %s", request.container_id,

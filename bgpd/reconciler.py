@@ -18,9 +18,14 @@ from bgpd.overlay import Overlay
 from bgpd.resources import list_node_weps
 from ipam import keys
 from ipam.datastore import Datastore
+from ipam.errors import DatastoreUnavailable
 from ipam.model import BlockAffinity
 
 log = logging.getLogger("calico-py-node.reconcile")
+# After a failed run the next one comes sooner than the periodic one (first retry after this many seconds,
+# doubling up to the interval): drift the failed run could not repair, such as a route deleted while etcd was
+# away, is repaired as soon as the datastore answers again, not up to an interval later.
+RETRY_FIRST_SECONDS = 1.0
 
 
 @dataclass
@@ -176,19 +181,27 @@ class RouteReconciler:
         return self.stats.last_changes
 
     async def run(self) -> None:
+        retry_in = RETRY_FIRST_SECONDS
         while True:
+            wait = self.interval
             try:
                 if self._full_wanted or not self.bgp_converged():
                     await self.reconcile_once()
                     self._periodic = False
                 else:
                     await self.apply_route_changes()
-            except Exception:  # the datastore may be away; the next run retries
+                retry_in = RETRY_FIRST_SECONDS
+            except Exception as exc:  # the datastore may be away: the kernel keeps what it has, the retry repairs
                 self.stats.errors += 1
                 self._full_wanted = True
-                log.exception("reconcile failed")
+                wait, retry_in = min(retry_in, self.interval), min(retry_in * 2, self.interval)
+                if isinstance(exc, DatastoreUnavailable):  # expected during an outage: one line, no traceback
+                    log.warning("reconcile postponed, kernel routes kept as they are: %s; next try in %gs", exc,
+                                wait)
+                else:
+                    log.exception("reconcile failed; next try in %gs", wait)
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
+                await asyncio.wait_for(self._wake.wait(), timeout=wait)
             except TimeoutError:
                 self._full_wanted = self._periodic = True  # the periodic run that repairs drift
             self._wake.clear()

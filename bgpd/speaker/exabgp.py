@@ -39,6 +39,8 @@ API_SOCKET = "\0calico-py-exabgp"
 API_READY_TIMEOUT = 10.0  # seconds a reload waits for a starting ExaBGP before signalling it anyway
 RELOAD_CONFIRM_TIMEOUT = 2.0  # seconds ExaBGP has to start acting on a SIGUSR1 before it is sent again
 RELOAD_ATTEMPTS = 5  # SIGUSR1s per configuration change before ExaBGP is restarted instead
+U32_MAX = 2**32 - 1  # AS numbers, LOCAL_PREF and MED are four-octet fields
+RESTART_TIME_MAX = 4095  # the graceful-restart capability's restart time is 12 bits (RFC 4724)
 
 
 def reload_outcome(log_since_signal: str) -> str | None:
@@ -97,6 +99,7 @@ class ExaBGP:
         self.restarts = 0
         self.reloads = 0
         self.reloads_unanswered = 0  # SIGUSR1s ExaBGP dropped (see reload_outcome), each sent again
+        self.malformed: dict[str, int] = {}  # peer -> routes dropped for malformed attributes (RFC 7606)
         self._writer: asyncio.StreamWriter | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._config_changed = asyncio.Event()
@@ -417,12 +420,10 @@ class ExaBGP:
         """Act on one line from ExaBGP; True when the RIB changed."""
         try:
             message = json.loads(line)
-        except ValueError:
-            return False  # not JSON (e.g. an ack): nothing to act on
-        if not isinstance(message, dict):
-            return False
-        neighbor = message.get("neighbor") or {}
-        peer = ((neighbor.get("address") or {}).get("peer")) if isinstance(neighbor, dict) else None
+        except (ValueError, RecursionError):
+            return False  # not JSON (e.g. an ack), or nested deeper than Python parses: nothing to act on
+        neighbor = _dict(_dict(message).get("neighbor"))
+        peer = _dict(neighbor.get("address")).get("peer")
         if not isinstance(peer, str) or peer not in self.peers:
             return False
         if message.get("type") == "state":
@@ -439,15 +440,16 @@ class ExaBGP:
             if state == "down":
                 return self._peer_down(peer, str(neighbor.get("reason", "")))
         elif message.get("type") == "open" and neighbor.get("direction") == "receive":
-            capabilities = (neighbor.get("open") or {}).get("capabilities") or {}
+            capabilities = _dict(_dict(neighbor.get("open")).get("capabilities"))
             restart = [c.get("time") for c in capabilities.values() if isinstance(c, dict)
                        and str(c.get("name", "")).replace("-", " ") == "graceful restart"]
-            if restart and isinstance(restart[0], int):
+            if restart and _uint(restart[0], RESTART_TIME_MAX):
                 self.gr_peers[peer] = restart[0]
             else:
                 self.gr_peers.pop(peer, None)
         elif message.get("type") == "update":
-            if (neighbor.get("message") or {}).get("eor"):
+            body = _dict(neighbor.get("message"))
+            if body.get("eor"):
                 self.eor.add(peer)
                 stale = self.stale.get(peer)
                 if stale:
@@ -455,8 +457,7 @@ class ExaBGP:
                     return True
                 return False
             self.last_update_at = time.time()
-            update = ((neighbor.get("message") or {}).get("update") or {})
-            if isinstance(update, dict) and self._apply_update(peer, update):
+            if self._apply_update(peer, _dict(body.get("update"))):
                 self.on_routes()
                 return True
         return False
@@ -488,14 +489,23 @@ class ExaBGP:
         """Apply one UPDATE to the peer's table; True when a path changed. Costs the size of the update only."""
         table = self.rib.setdefault(peer, {})
         changed = False
-        attributes = update.get("attribute") if isinstance(update.get("attribute"), dict) else {}
-        for next_hop, entries in ((update.get("announce") or {}).get("ipv4 unicast") or {}).items():
-            if not _address(next_hop):
+        attributes = update.get("attribute", {})
+        for next_hop, entries in _dict(_dict(update.get("announce")).get("ipv4 unicast")).items():
+            if not _next_hop(next_hop):
                 continue
             path = _path(next_hop, attributes)
             for entry in entries if isinstance(entries, list) else []:
                 prefix = _prefix(entry)
                 if not prefix:
+                    continue
+                if path is None:
+                    # RFC 7606 treat-as-withdraw: an attribute we cannot trust voids the routes it came with,
+                    # including an earlier good path for them (the peer replaced it).
+                    self.malformed[peer] = self.malformed.get(peer, 0) + 1
+                    log.warning("bgp route %s from %s dropped: malformed path attributes", prefix, peer)
+                    if table.pop(prefix, None) is not None:
+                        self.touched.add(prefix)
+                        changed = True
                     continue
                 if looped(path, self.router_id, self.cluster_id):
                     log.info("bgp route %s from %s dropped: it looped (RFC 4456)", prefix, peer)
@@ -509,8 +519,8 @@ class ExaBGP:
                     changed = True
                 if peer in self.stale:
                     self.stale[peer][1].discard(prefix)
-        for entry in ((update.get("withdraw") or {}).get("ipv4 unicast") or []) if isinstance(
-                update.get("withdraw"), dict) else []:
+        withdrawn = _dict(update.get("withdraw")).get("ipv4 unicast")
+        for entry in withdrawn if isinstance(withdrawn, list) else []:
             prefix = _prefix(entry)
             if prefix and table.pop(prefix, None) is not None:
                 self.touched.add(prefix)
@@ -518,33 +528,43 @@ class ExaBGP:
         return changed
 
 
-def _path(next_hop: str, attributes: dict[str, Any]) -> BGPPath:
-    """The path an UPDATE's attributes describe (ExaBGP's JSON; anything malformed is left at its default)."""
+def _path(next_hop: str, attributes: Any) -> BGPPath | None:
+    """The path an UPDATE's attributes describe (ExaBGP's JSON), or None when one is malformed: of the wrong
+    type or out of its range. An attribute that is absent takes its default."""
+    if not isinstance(attributes, dict):
+        return None
     originator = attributes.get("originator-id")
-    clusters = attributes.get("cluster-list")
-    local_pref, med, origin = attributes.get("local-preference"), attributes.get("med"), attributes.get("origin")
-    return BGPPath(
-        next_hop,
-        originator_id=originator if _address(originator) else None,
-        cluster_list=tuple(c for c in clusters if _address(c)) if isinstance(clusters, list) else (),
-        as_path=_as_path(attributes.get("as-path")),
-        local_pref=local_pref if isinstance(local_pref, int) else 100,
-        med=med if isinstance(med, int) else 0,
-        origin=origin if origin in ORIGINS else "igp",
-    )
+    clusters = attributes.get("cluster-list", [])
+    as_path = _as_path(attributes.get("as-path", []))
+    local_pref, med = attributes.get("local-preference", 100), attributes.get("med", 0)
+    origin = attributes.get("origin", "igp")
+    if ((originator is not None and not _address(originator))
+            or not (isinstance(clusters, list) and all(_address(c) for c in clusters))
+            or as_path is None or not _uint(local_pref, U32_MAX) or not _uint(med, U32_MAX)
+            or not (isinstance(origin, str) and origin in ORIGINS)):
+        return None
+    return BGPPath(next_hop, originator_id=originator, cluster_list=tuple(clusters), as_path=as_path,
+                   local_pref=local_pref, med=med, origin=origin)
 
 
-def _as_path(value: Any) -> tuple[int, ...]:
+def _as_path(value: Any) -> tuple[int, ...] | None:
     """ExaBGP 5 gives ``{"0": {"element": "as-sequence", "value": [65001, ...]}, ...}`` (older ones a plain
-    list). An AS_SET counts as one AS (RFC 4271 9.1.2.2), kept as its first member."""
-    segments = value.values() if isinstance(value, dict) else [{"element": "as-sequence", "value": value}]
+    list). An AS_SET counts as one AS (RFC 4271 9.1.2.2), kept as its first member. None when malformed."""
+    if isinstance(value, list):
+        segments: list[Any] = [{"element": "as-sequence", "value": value}]
+    elif isinstance(value, dict):
+        segments = list(value.values())
+    else:
+        return None
     path: list[int] = []
     for segment in segments:
-        members = segment.get("value") if isinstance(segment, dict) else None
-        members = [a for a in members if isinstance(a, int)] if isinstance(members, list) else []
-        if "set" in str(segment.get("element", "")):
-            members = members[:1]
-        path += members
+        if not isinstance(segment, dict):
+            return None
+        element, members = segment.get("element"), segment.get("value")
+        if (element not in ("as-sequence", "as-set") or not isinstance(members, list)
+                or not all(_uint(a, U32_MAX) for a in members)):
+            return None
+        path += members[:1] if element == "as-set" else members
     return tuple(path)
 
 
@@ -570,9 +590,31 @@ def _read_from(path: Path, offset: int) -> str:
         return ""
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one: a field of the wrong type is as good as absent."""
+    return value if isinstance(value, dict) else {}
+
+
+def _uint(value: Any, maximum: int) -> bool:
+    """An integer in 0..maximum (JSON's true and false are not numbers here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= maximum
+
+
 def _address(text: Any) -> bool:
+    """A dotted-quad IPv4 address as text (an integer would pass ``IPv4Address`` too)."""
+    if not isinstance(text, str):
+        return False
     try:
         ipaddress.IPv4Address(text)
-    except (ValueError, TypeError):
+    except ValueError:
         return False
     return True
+
+
+def _next_hop(text: Any) -> bool:
+    """An address a route can point at: not 0.0.0.0, a loopback, multicast or the broadcast address."""
+    if not _address(text):
+        return False
+    address = ipaddress.IPv4Address(text)
+    return not (address.is_unspecified or address.is_loopback or address.is_multicast
+                or address == ipaddress.IPv4Address("255.255.255.255"))

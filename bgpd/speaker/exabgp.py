@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -494,6 +495,11 @@ class ExaBGP:
             if not _next_hop(next_hop):
                 continue
             path = _path(next_hop, attributes)
+            spec = self.peers[peer].spec
+            if spec.peer_as != spec.local_as and path.local_pref != 100:
+                # RFC 4271 5.1.5: LOCAL_PREF from an external peer is ignored; honoured, a rogue peer could outrank
+                # a node's own block with it (tests/faults/test_rogue_peer.py).
+                path = dataclasses.replace(path, local_pref=100)
             for entry in entries if isinstance(entries, list) else []:
                 prefix = _prefix(entry)
                 if not prefix:

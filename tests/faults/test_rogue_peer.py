@@ -36,7 +36,8 @@ ACCEPTED = "10.244.210.0/24"  # an aggregate inside the pool: the rogue may anno
 LONG_PATH = "10.244.220.0/24"  # inside the pool, but with a 1000-ASN AS path
 RAW_ROUTE = "10.244.230.0/24"  # what the raw speaker announces once its session is up
 RAW_LONG_PATH = "10.244.221.0/24"  # what it announces with 1000 ASNs
-RAW_MARKER = "10.244.233.0/24"  # what it announces right after an UPDATE with a broken attribute
+RAW_MARKER = "10.244.233.0/24"  # what it announces right after a hijack attempt, to know it was read
+RAW_MARKER2 = "10.244.234.0/24"  # the same after an UPDATE with a broken attribute
 
 
 @pytest.fixture
@@ -131,6 +132,15 @@ def test_a_rogue_peer_gets_nothing_outside_the_pools_into_any_kernel(
         # Malformed: the raw speaker's session is up and its route installed; then a broken UPDATE.
         rogue.wait_for(lambda: (kernel_routes(rogue, "node1").get(RAW_ROUTE) or {}).get("gateway") == RAW,
                        timeout=30, what=f"node1 to install {RAW_ROUTE} from the raw speaker")
+        # node2's whole block with LOCAL_PREF 1000: an external peer's LOCAL_PREF is ignored (RFC 4271 5.1.5),
+        # else it would outrank node2's own announcement and take the block. Then a marker, to know it was read.
+        node2_block = str(ipaddress.ip_network(f"{pod2}/26", strict=False))
+        tell(raw_speaker, f"preferred {node2_block}")
+        tell(raw_speaker, f"announce {RAW_MARKER}")
+        rogue.wait_for(lambda: RAW_MARKER in kernel_routes(rogue, "node1"), timeout=30,
+                       what=f"node1 to install {RAW_MARKER}, announced after node2's block with LOCAL_PREF 1000")
+        assert kernel_routes(rogue, "node1")[node2_block].get("gateway") == "10.0.7.12", \
+            f"node1 routes node2's block via the rogue: {kernel_routes(rogue, 'node1')[node2_block]}"
         # 1000 ASNs in four AS_SEQUENCE segments: an UPDATE of 4050 octets, just inside BGP's 4096.
         tell(raw_speaker, f"long-path {RAW_LONG_PATH} 1000")
         rogue.wait_for(lambda: rejected(rogue, "node1", RAW, "as-path-too-long") >= 1, timeout=30,
@@ -138,9 +148,9 @@ def test_a_rogue_peer_gets_nothing_outside_the_pools_into_any_kernel(
         # An attribute overrunning the attribute list: RFC 7606 treat-as-withdraw, the session stays. TCP keeps
         # order, so once the route announced after it is installed, the broken UPDATE has been dealt with.
         tell(raw_speaker, "malformed-attribute")
-        tell(raw_speaker, f"announce {RAW_MARKER}")
-        rogue.wait_for(lambda: RAW_MARKER in kernel_routes(rogue, "node1"), timeout=30,
-                       what=f"node1 to install {RAW_MARKER}, announced after the broken attribute")
+        tell(raw_speaker, f"announce {RAW_MARKER2}")
+        rogue.wait_for(lambda: RAW_MARKER2 in kernel_routes(rogue, "node1"), timeout=30,
+                       what=f"node1 to install {RAW_MARKER2}, announced after the broken attribute")
         assert f"bgp peer {RAW} down" not in daemon_log(rogue, "node1"), "an attribute error reset the session"
         assert RAW_ROUTE in kernel_routes(rogue, "node1") and "10.244.231.0/24" not in kernel_routes(rogue, "node1")
         # A Total Path Attribute Length past the end of the message: nothing in it can be trusted; ExaBGP sends a

@@ -2,8 +2,9 @@
 (passive, port 179), opens the session, announces one route inside the pool, keeps the session alive, and obeys lines
 on stdin: ``malformed-attribute`` sends an UPDATE with one attribute overrunning the attribute list (RFC 7606:
 treat-as-withdraw, the session stays), ``malformed-length`` one whose attribute length overruns the message (a
-session reset: nothing in it can be trusted); ``announce PREFIX`` announces it, ``long-path PREFIX N``
-with our AS prepended N times. After a reset it accepts the node's next connection and behaves.
+session reset: nothing in it can be trusted); ``announce PREFIX`` announces it, ``preferred PREFIX``
+with LOCAL_PREF 1000, ``long-path PREFIX N`` with our AS prepended N times. After a reset it accepts the node's
+next connection and behaves.
 
 Standard library only; run inside the lab's ``raw`` namespace:
 ``rogue_speaker.py LOCAL_ADDRESS LOCAL_AS PREFIX``. Events go to stdout, one line each.
@@ -49,11 +50,13 @@ def as_path(asns: list[int]) -> bytes:
     return b"".join(bytes([2, len(seg)]) + struct.pack(f"!{len(seg)}I", *seg) for seg in segments)
 
 
-def announce(prefix: str, path: list[int], next_hop: str) -> bytes:
+def announce(prefix: str, path: list[int], next_hop: str, local_pref: int | None = None) -> bytes:
     network = ipaddress.IPv4Network(prefix)
     attributes = (attribute(0x40, 1, b"\x00")  # ORIGIN IGP
                   + attribute(0x40, 2, as_path(path))
                   + attribute(0x40, 3, socket.inet_aton(next_hop)))  # NEXT_HOP
+    if local_pref is not None:  # meaningful inside one AS only (RFC 4271 5.1.5); sent here to outrank others
+        attributes += attribute(0x40, 5, struct.pack("!I", local_pref))
     length = network.prefixlen
     nlri = bytes([length]) + network.network_address.packed[:(length + 7) // 8]
     return message(UPDATE, struct.pack("!H", 0) + struct.pack("!H", len(attributes)) + attributes + nlri)
@@ -137,6 +140,9 @@ def session(conn: socket.socket, local_address: str, local_as: int, prefix: str)
             elif words[:1] == ["announce"] and established:
                 conn.sendall(announce(words[1], [local_as], local_address))
                 say("announced", words[1])
+            elif words[:1] == ["preferred"] and established:  # preferred PREFIX: with LOCAL_PREF 1000
+                conn.sendall(announce(words[1], [local_as], local_address, local_pref=1000))
+                say("announced", words[1], "with LOCAL_PREF 1000")
             elif words[:1] == ["long-path"] and established:  # long-path PREFIX LENGTH: prepended LENGTH times
                 conn.sendall(announce(words[1], [local_as] * int(words[2]), local_address))
                 say("announced", words[1], "with an AS path of", words[2])

@@ -22,7 +22,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from bgpd import logs
+from bgpd import logs, privileges
 from bgpd.autodetect import detect
 from bgpd.cleanup import sweep_orphan_interfaces
 from bgpd.cni.handler import CNIHandler, Netlink
@@ -213,6 +213,7 @@ def main() -> int:
         # pyroute2's synchronous API runs its own event loop: use it before ours starts (or in threads).
         address = node_address(config, kube_node)
         warn_without_default_route()
+        privileges.drop_unneeded(bgp_speaker=config.networking_backend == "bird")  # before any thread starts
         asyncio.run(run(config, address, kube, kube_node))
     except (ConfigError, IPAMError, KubeError, RuntimeError) as exc:
         print(f"calico-py-node: {exc}", file=sys.stderr)

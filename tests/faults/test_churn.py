@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from containerlab import netns
+from containerlab import netns, runner
 from tests.e2e.test_bgp import place_pods, sessions
 from tests.e2e.test_bgp_restart import has_route, mesh_with
 from tests.e2e.test_cni import CONF, NETWORK, Pods, Runtime, daemon_log, ipam_state, pod_ping
@@ -192,8 +192,16 @@ def test_a_node_away_longer_than_the_restart_time_is_withdrawn_everywhere_and_re
     pods_on = {node: {address} for node, (_, address) in placed.items()}
     handle.wait_for(lambda: not route_mismatch(handle, addresses, pods_on), 30, "every node's routes")
 
-    handle.lab.destroy_node(CHURNED)
+    node_dir = handle.lab.run_dir / CHURNED
+    assert (node_dir / "exabgp.conf").exists()
+    # Through the CLI this time: calico-py-lab destroy --node.
+    assert runner.main(["destroy", "-t", str(handle.topology.path), "--name", handle.topology.name,
+                        "--node", CHURNED]) == 0
     left_at = time.monotonic()
+    assert handle.netns(CHURNED) not in netns.namespaces()
+    assert [r.state for r in handle.lab.inspect() if r.node == CHURNED] == ["absent"]
+    # Its disk went with it, its log stays for reading.
+    assert not (node_dir / "exabgp.conf").exists() and (node_dir / "calico-py-node.log").exists()
     survivors = {node: addresses[node] for node in STEADY}
     survivors_pods = {node: pods_on[node] for node in STEADY}
 

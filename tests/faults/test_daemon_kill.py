@@ -135,6 +135,22 @@ def storm(runtime: Runtime, pods: Pods, run: int, kill_after: float | None
     return [(cid, ns, call) for (cid, ns), call in zip(names, calls, strict=True)], duration
 
 
+def leftovers(handle: LabHandle, failed: list[tuple[str, str]]) -> list[str]:
+    """What each failed ADD had made when the daemon died, read while it is down: "nothing", or the parts of
+    "veth", "address" and "endpoint" found."""
+    links = cali_links(handle)
+    snapshot = ipam_snapshot(handle)
+    handles = {h for holders in snapshot["held"].values() for h in holders}
+    endpoints = {w["containerID"] for w in snapshot["weps"] if w["node"] == NODE}
+    kinds = []
+    for cid, _ in failed:
+        parts = [name for name, found in (("veth", host_interface_name(POD_NAMESPACE, cid, cid) in links),
+                                          ("address", f"{NETWORK}.{cid}" in handles),
+                                          ("endpoint", cid in endpoints)) if found]
+        kinds.append("+".join(parts) or "nothing")
+    return kinds
+
+
 def restart(handle: LabHandle) -> float:
     """The lab restarts the missing daemon; seconds from then until it logs 'ready' (its CNI socket is open)."""
     before = ready_count(handle)
@@ -155,6 +171,7 @@ def test_daemon_sigkill_during_add_storm(mesh3: LabHandle, pods: Pods, tmp_path:
 
     alive: dict[str, Pod] = {}  # container id -> every pod whose ADD succeeded, all runs
     failed_total = cleaned_by_del = cleaned_by_gc = 0
+    left_at_crash: Counter[str] = Counter()  # what the failed ADDs had made when the daemon died
     fail_fast: list[float] = []
 
     def record_successes(calls: list[tuple[str, str, Call]]) -> list[tuple[str, str]]:
@@ -193,6 +210,7 @@ def test_daemon_sigkill_during_add_storm(mesh3: LabHandle, pods: Pods, tmp_path:
             failed.append((probe_id, probe_ns))
             failed_total += len(failed)
 
+            left_at_crash.update(leftovers(handle, failed))
             fault_report.recovery_seconds.append(restart(handle))
 
             if run % 3:  # kubelet: a DEL for every sandbox whose ADD failed
@@ -244,6 +262,7 @@ def test_daemon_sigkill_during_add_storm(mesh3: LabHandle, pods: Pods, tmp_path:
                           f"succeeded, {failed_total} failed (one a run with the daemon down: failed in "
                           f"{max(fail_fast) * 1000:.0f} ms at worst); failed ones cleaned by DEL {cleaned_by_del}, "
                           f"by start-up sweep ({swept} veths) + CNI GC ({gc_released} handles) {cleaned_by_gc}; "
+                          f"left at the crash: {', '.join(f'{k} {n}' for k, n in sorted(left_at_crash.items()))}; "
                           f"seed {SEED}")
     if pinger.lost:
         # Known, and not the CNI path's: the restarted node's new ExaBGP sends End-of-RIB before the daemon has

@@ -175,14 +175,16 @@ def _sign(directory: Path, name: str, csr: Path, ca: tuple[Path, Path], extensio
     return cert
 
 
-def make_test_pki(directory: Path) -> TestPKI:
-    """Generate the CAs and certificates under ``directory`` with the ``openssl`` command (ECDSA P-256: fast)."""
+def make_test_pki(directory: Path, server_ips: Sequence[str] = ("127.0.0.1",)) -> TestPKI:
+    """Generate the CAs and certificates under ``directory`` with the ``openssl`` command (ECDSA P-256: fast);
+    the server certificate is valid for ``server_ips`` and localhost."""
     directory.mkdir(parents=True, exist_ok=True)
     ca = _self_signed_ca(directory, "ca")
     other_ca = _self_signed_ca(directory, "other-ca")
     server_key, server_csr = _new_key_and_csr(directory, "server", "etcd")
     server_cert = _sign(directory, "server", server_csr, ca,
-                        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+                        f"subjectAltName={','.join(f'IP:{ip}' for ip in server_ips)},DNS:localhost\n"
+                        "extendedKeyUsage=serverAuth\n")
     client_ext = "extendedKeyUsage=clientAuth\n"
     client_key, client_csr = _new_key_and_csr(directory, "client", "calico-py")
     client_cert = _sign(directory, "client", client_csr, ca, client_ext)

@@ -1,16 +1,19 @@
 """Security in a lab (tests/faults/data/security.clab.yml: two calico-py nodes, BIRD peers bird1 with the MD5
 password and bird2 without): TCP-MD5 from a mounted secret, capabilities of the running daemons, and the local
-sockets refusing users other than root."""
+sockets refusing users other than root. And a second lab whose etcd serves TLS only, to clients with a certificate
+from a CA made by the test: the daemon and the CNI path work with the right certificate; a daemon with a
+certificate from another CA stops with one line saying so."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from containerlab.lab import Lab
 from containerlab.topology import load
 from tests.e2e.test_bgp import place_pods, sessions
 from tests.e2e.test_cni import Pods, daemon_log, daemon_process, pod_ping
+from tests.etcdserver import make_test_pki
 from tests.faults.conftest import FaultRecord
 from tests.labfixture import LabHandle
 
@@ -103,13 +107,6 @@ def security_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab
         yield handle, capture.read("-M", PASSWORD)
     finally:
         handle.lab.destroy()
-
-
-@pytest.fixture
-def pods() -> Iterator[Pods]:
-    made = Pods()
-    yield made
-    made.cleanup()
 
 
 def bird(handle: LabHandle, node: str, *command: str) -> str:
@@ -215,3 +212,54 @@ def test_local_sockets_refuse_a_user_other_than_root(security_lab: tuple[LabHand
     assert "10.244.250.0" not in handle.exec("node1", "ip", "route").stdout
     # ExaBGP's own connection was not replaced: sessions stay up and routes still flow.
     assert {BIRD1, "10.0.47.12"} <= set(sessions(handle, "node1"))
+
+
+TLS_ETCD = "172.20.48.2"
+
+
+def tls_topology(directory: Path) -> Path:
+    """security-tls: etcd with TLS and --client-cert-auth on the management network; node1 with the good client
+    certificate, node2 with one from another CA. Certificates are made for this run, so the file is too."""
+    pki = make_test_pki(directory / "pki", server_ips=("127.0.0.1", TLS_ETCD))
+    etcd_env = {"ETCD_LISTEN_CLIENT_URLS": "https://0.0.0.0:2379",
+                "ETCD_ADVERTISE_CLIENT_URLS": f"https://{TLS_ETCD}:2379", "ETCD_CERT_FILE": str(pki.server_cert),
+                "ETCD_KEY_FILE": str(pki.server_key), "ETCD_TRUSTED_CA_FILE": str(pki.ca_cert),
+                "ETCD_CLIENT_CERT_AUTH": "true"}
+    nodes = {"etcd": {"kind": "linux", "image": "quay.io/coreos/etcd:v3.4.23", "mgmt-ipv4": TLS_ETCD, "env": etcd_env},
+             "lan": {"kind": "bridge"}}
+    for index, (cert, key) in enumerate(((pki.client_cert, pki.client_key),
+                                         (pki.other_client_cert, pki.other_client_key)), start=1):
+        nodes[f"node{index}"] = {
+            "kind": "linux", "image": "ghcr.io/calico-py/calico-py-node:latest",
+            "env": {"NODENAME": f"node{index}", "IP": f"10.0.48.1{index}", "ETCD_ENDPOINTS": f"https://{TLS_ETCD}:2379",
+                    "ETCD_CA_CERT_FILE": str(pki.ca_cert), "ETCD_CERT_FILE": str(cert), "ETCD_KEY_FILE": str(key),
+                    "CALICO_IPV4POOL_CIDR": "10.244.0.0/16", "CALICO_NETWORKING_BACKEND": "bird"},
+            "exec": [f"ip addr add 10.0.48.1{index}/24 dev eth1", "ip route add default dev eth1 metric 4096"]}
+    document = {"name": "security-tls", "mgmt": {"network": "security-tls-mgmt", "ipv4-subnet": "172.20.48.0/24"},
+                "topology": {"nodes": nodes, "links": [{"endpoints": ["node1:eth1", "lan:eth1"]},
+                                                       {"endpoints": ["node2:eth1", "lan:eth2"]}]}}
+    path = directory / "security-tls.clab.yml"
+    path.write_text(json.dumps(document, indent=1))  # JSON is YAML
+    return path
+
+
+def test_the_daemon_and_the_cni_path_work_against_etcd_with_client_certificates(
+        lab: Callable[..., LabHandle], pods: Pods, tmp_path: Path) -> None:
+    handle = lab(tls_topology(tmp_path))
+    handle.wait_for(lambda: " ready node=node1" in daemon_log(handle, "node1"), 60, "node1's daemon to be ready")
+    # A pod on node1: its address comes from IPAM over TLS, and its WorkloadEndpoint is in etcd.
+    placed = place_pods(handle, pods, tmp_path, ("node1",), "tls")
+    pki = tmp_path / "pki"
+    stored = handle.exec("node1", "etcdctl", f"--endpoints=https://{TLS_ETCD}:2379", f"--cacert={pki / 'ca.crt'}",
+                         f"--cert={pki / 'client.crt'}", f"--key={pki / 'client.key'}", "get", "/calico/",
+                         "--prefix", "--keys-only")
+    assert stored.returncode == 0, stored.stderr
+    assert "/calico/resources/v3/projectcalico.org/nodes/node1" in stored.stdout
+    assert any("workloadendpoints" in key and "tls" in key for key in stored.stdout.split()), stored.stdout
+    assert placed["node1"][1].startswith("10.244.")
+    # node2's certificate comes from another CA: etcd refuses it, the daemon says so in one line and stops.
+    handle.wait_for(lambda: not daemon_process(handle, "node2").alive(), 60, "node2's daemon to stop")
+    errors = [line for line in daemon_log(handle, "node2").splitlines() if line.startswith("calico-py-node: ")]
+    assert len(errors) == 1 and "rejected the client certificate" in errors[0], daemon_log(handle, "node2")[-2000:]
+    assert "Traceback" not in daemon_log(handle, "node2")
+    assert "/calico/resources/v3/projectcalico.org/nodes/node2" not in stored.stdout

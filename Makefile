@@ -4,9 +4,9 @@ SHELL := /bin/bash
 VENV := .venv
 PYTHON ?= python3
 # gcc and libc6-dev (its libc.a): bgpd/cni/install.py builds the C CNI plugin, statically linked. nftables:
-# NAT outgoing. tcpdump: the encapsulation tests look at the wire.
+# NAT outgoing. tcpdump: the encapsulation tests look at the wire. openssl: the etcd TLS tests make their CA.
 DEB_PACKAGES := etcd-server etcd-client iproute2 iputils-ping bird2 frr gobgpd graphviz \
-	containernetworking-plugins iptables gcc libc6-dev nftables tcpdump
+	containernetworking-plugins iptables gcc libc6-dev nftables tcpdump openssl
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 

@@ -17,12 +17,13 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from tests.e2e.test_bgp import CLI, apply_resources, place_pods, sessions
 from tests.e2e.test_bgp_restart import mesh_with
-from tests.e2e.test_cni import Pods, pod_ping
+from tests.e2e.test_cni import Pods, daemon_log, pod_ping
 from tests.faults.conftest import FaultRecord, Pinger
 from tests.labfixture import TOPOLOGIES, LabHandle
 
@@ -159,6 +160,16 @@ def block_routes(handle: LabHandle, node: str) -> dict[str, str]:
     return {r["dst"]: r["gateway"] for r in routes if "gateway" in r}
 
 
+def session_down_at(handle: LabHandle, node: str, peer: str, after: float) -> float:
+    """The wall-clock time ``node``'s daemon logged its session to ``peer`` down, the first time after ``after``."""
+    for line in daemon_log(handle, node).splitlines():
+        if line.endswith(f"bgp peer {peer} down"):
+            logged = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            if logged >= after:
+                return logged
+    raise AssertionError(f"{node} never logged its session to {peer} down")
+
+
 def test_mesh3_node_link_down_withdraws_its_routes_after_hold_time_and_they_return(
         lab: Callable[..., LabHandle], pods: Pods, tmp_path: Path, fault_report: FaultRecord) -> None:
     fault_report.fault = f"link loss mesh3 node1 (hold {MESH_HOLD}s, GR {MESH_RESTART}s)"
@@ -174,20 +185,20 @@ def test_mesh3_node_link_down_withdraws_its_routes_after_hold_time_and_they_retu
     assert node1_blocks, expected
 
     survivors = ("node2", "node3")
-    held: dict[str, float] = {}
     withdrawn: dict[str, float] = {}
     with Pinger(placed["node2"][0], placed["node3"][1], PING_INTERVAL) as bystanders:
-        down_at = time.monotonic()
+        down_at, down_clock = time.monotonic(), time.time()
         assert handle.exec("node1", "ip", "link", "set", "eth1", "down").returncode == 0
         deadline = down_at + MESH_HOLD + MESH_RESTART + 2 * SLACK
         while len(withdrawn) < len(survivors) and time.monotonic() < deadline:
             for node in survivors:
-                if node not in held and address["node1"] not in sessions(handle, node):
-                    held[node] = time.monotonic() - down_at
                 if node not in withdrawn and not node1_blocks & set(block_routes(handle, node)):
                     withdrawn[node] = time.monotonic() - down_at
             time.sleep(0.2)  # the poll's period
         assert set(withdrawn) == set(survivors), f"node1's routes still held after {deadline - down_at:.0f}s"
+    # When each survivor gave up on node1: its daemon's log line, to the millisecond (a poll of `node status`
+    # would add its own latency on a loaded machine).
+    held = {node: session_down_at(handle, node, address["node1"], down_clock) - down_clock for node in survivors}
     for node in survivors:
         # The hold timer fires 20-30 s after the last keepalive heard before the fault (one every 10 s), then
         # graceful restart keeps the routes for its restart time, then they go.

@@ -1,7 +1,7 @@
 """calicoctl-py: the operator's CLI, in calicoctl's shapes.
 
-Exit codes: 0 ok, 1 user error (bad input, refused change, problems found by ``ipam check``), 2 datastore
-unreachable.
+Exit codes: 0 ok, 1 user error (bad input, refused change, an etcd TLS misconfiguration such as a rejected client
+certificate, problems found by ``ipam check``), 2 datastore unreachable.
 """
 
 from __future__ import annotations

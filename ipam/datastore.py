@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import random
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +33,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 
 from ipam.errors import DatastoreError, DatastoreUnavailable
 
+log = logging.getLogger("ipam.datastore")
 DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
 # Transport-level failures worth trying another member for. Everything else is a real error.
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
@@ -275,6 +277,14 @@ class Datastore:
         self._channels: dict[int, grpc.aio.Channel] = {}
         self._credentials = self._load_credentials(config)
         self.failovers = 0
+        # Set once a request gave up (DatastoreUnavailable); the next request that succeeds clears it and calls
+        # the recovery listeners: state that could not be read during the outage is read again at once.
+        self._unreachable = False
+        self._recovery_listeners: list[Callable[[], None]] = []
+
+    def on_recovery(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` whenever etcd answers again after a request found it unreachable."""
+        self._recovery_listeners.append(listener)
 
     @staticmethod
     def _load_credentials(config: EtcdConfig) -> grpc.ChannelCredentials | None:
@@ -357,9 +367,15 @@ class Datastore:
                             self.failovers += 1
                         raise _Transient from None
         except _Transient:
+            self._unreachable = True
             raise DatastoreUnavailable(
                 f"etcd unreachable after {self.config.failover_timeout:g}s (last error {errors[-1]}); "
                 f"check ETCD_ENDPOINTS={','.join(self.config.endpoints)} and that etcd is running") from None
+        if self._unreachable:
+            self._unreachable = False
+            log.info("etcd answers again at %s", self.config.endpoints[index])
+            for listener in self._recovery_listeners:
+                listener()
         return response, ambiguous
 
     async def read(self, keys: Sequence[str] = (), prefixes: Sequence[str] = ()) -> Snapshot:

@@ -21,6 +21,7 @@ from bgpd.privileges import (
     CAPABILITIES,
     REASONS,
     CapabilitySets,
+    drop_unneeded,
     mask,
     names_in,
     needed_capabilities,
@@ -63,6 +64,12 @@ def test_capability_sets_are_read_as_proc_shows_them() -> None:
     sets = CapabilitySets.parse(status)
     assert names_in(sets.bounding) == ["NET_BIND_SERVICE", "NET_ADMIN", "SYS_ADMIN"]
     assert sets.permitted == sets.effective == sets.bounding and sets.ambient == 0
+
+
+def test_the_drop_can_be_turned_off_for_debugging() -> None:
+    before = CapabilitySets.of()
+    assert drop_unneeded(bgp_speaker=True, env={"CALICO_KEEP_ALL_CAPABILITIES": "true"}) == []
+    assert CapabilitySets.of() == before
 
 
 # ---------------------------------------------------------------- capabilities: the kernel

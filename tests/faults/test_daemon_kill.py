@@ -230,8 +230,10 @@ def test_daemon_sigkill_during_add_storm(mesh3: LabHandle, pods: Pods, tmp_path:
             duplicated = [a for a, n in Counter(p.address for p in alive.values()).items() if n > 1]
             fault_report.allocations_duplicated = len(duplicated)
             assert not duplicated, f"run {run}: addresses given to two pods: {duplicated}"
-            for cid, _ in failed:
+            for cid, ns in failed:
                 assert host_interface_name(POD_NAMESPACE, cid, cid) not in expected_routes.values()
+                pod_links = [link["ifname"] for link in json.loads(in_ns(ns, "ip", "-j", "link").stdout)]
+                assert pod_links == ["lo"], f"run {run}: failed ADD {cid} left {pod_links} in its pod"
             assert cali_links(handle) == set(expected_routes.values()), f"run {run} (seed {SEED})"
             assert host_routes(handle) == expected_routes, f"run {run} (seed {SEED})"
             snapshot = ipam_snapshot(handle)

@@ -22,10 +22,13 @@ from ipam.errors import DatastoreUnavailable
 from ipam.model import BlockAffinity
 
 log = logging.getLogger("calico-py-node.reconcile")
-# After a failed run the next one comes sooner than the periodic one (first retry after this many seconds,
-# doubling up to the interval): drift the failed run could not repair, such as a route deleted while etcd was
-# away, is repaired as soon as the datastore answers again, not up to an interval later.
+# After a failed run the next one comes sooner than the periodic one (first retry after RETRY_FIRST_SECONDS,
+# doubling up to RETRY_MAX_SECONDS or the interval): drift the failed run could not repair, such as a route
+# deleted while etcd was away, is repaired within seconds of the datastore answering again, not an interval
+# later. A run that fails on an unreachable datastore has already spent the store's failover time retrying, so
+# the pause only spaces out errors that come at once.
 RETRY_FIRST_SECONDS = 1.0
+RETRY_MAX_SECONDS = 10.0
 
 
 @dataclass
@@ -82,6 +85,8 @@ class RouteReconciler:
         self._own: set[str] = set()
         self._encapsulated: set[str] = set()  # prefixes routed by the overlay: BGP's routes to them are ignored
         self._periodic = False
+        # Drift that came while etcd was away (a route deleted by hand, say) waits for no periodic run.
+        store.on_recovery(self.wake)
 
     def wake(self) -> None:
         """Run a full reconcile soon."""
@@ -194,7 +199,7 @@ class RouteReconciler:
             except Exception as exc:  # the datastore may be away: the kernel keeps what it has, the retry repairs
                 self.stats.errors += 1
                 self._full_wanted = True
-                wait, retry_in = min(retry_in, self.interval), min(retry_in * 2, self.interval)
+                wait, retry_in = min(retry_in, self.interval), min(retry_in * 2, RETRY_MAX_SECONDS)
                 if isinstance(exc, DatastoreUnavailable):  # expected during an outage: one line, no traceback
                     log.warning("reconcile postponed, kernel routes kept as they are: %s; next try in %gs", exc,
                                 wait)

@@ -266,6 +266,18 @@ def test_daemon_sigkill_during_add_storm(mesh3: LabHandle, pods: Pods, tmp_path:
                           f"by start-up sweep ({swept} veths) + CNI GC ({gc_released} handles) {cleaned_by_gc}; "
                           f"left at the crash: {', '.join(f'{k} {n}' for k, n in sorted(left_at_crash.items()))}; "
                           f"seed {SEED}")
+
+    # Every pod made across the crashes still works, and the last daemon deletes what its predecessors made.
+    everyone = list(alive.values())
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        reach = list(pool.map(lambda p: pod_ping(p.netns, peer, timeout=30), everyone))
+        assert all(reach), [p.container_id for p, ok in zip(everyone, reach, strict=True) if not ok]
+        deleted = list(pool.map(lambda p: runtime.delete(p.container_id, p.netns, pod=p.container_id), everyone))
+    assert all(c.rc == 0 for c in deleted), [str(c) for c in deleted if c.rc][:3]
+    assert cali_links(handle) == set() and host_routes(handle) == {}
+    snapshot = ipam_snapshot(handle)
+    assert set(snapshot["held"]) == {peer} and not [w for w in snapshot["weps"] if w["node"] == NODE], snapshot
+
     if pinger.lost:
         # Known, and not the CNI path's: the restarted node's new ExaBGP sends End-of-RIB before the daemon has
         # announced its blocks, so the peers drop node1's routes and take them back tens of ms later.

@@ -56,7 +56,9 @@ from tests.e2e.test_cni import (
 from tests.faults.conftest import FaultRecord, Pinger
 from tests.labfixture import LabHandle
 
-RUNS = int(os.environ.get("DAEMON_KILL_RUNS", "20"))
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="fault tests need root (network namespaces)"),
+              pytest.mark.slow]
+RUNS = int(os.environ.get("DAEMON_KILL_RUNS", "20"))  # fewer for a quick look; the fault's promise is 20
 STORM = 10  # concurrent ADDs per run
 SEED = int(os.environ.get("DAEMON_KILL_SEED", str(time.time_ns() % 1_000_000)))
 FAIL_FAST_SECONDS = 2.0  # an ADD with no daemon to answer it: the shim's connect is refused, no waiting

@@ -27,6 +27,7 @@ import pytest
 
 from containerlab import netns
 from containerlab.netns import Process
+from ipam.datastore import DEFAULT_ENDPOINTS, EtcdConfig
 from tests.e2e.test_bgp import CLI, place_pods, sessions
 from tests.e2e.test_cni import Call, Pods, Runtime, cali_links, daemon_log, daemon_process, host_routes, pod_ping
 from tests.e2e.test_health import get
@@ -43,6 +44,7 @@ PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 # Generous for a loaded machine; each wait polls and returns as soon as its condition holds.
 CONVERGE_SECONDS = 90.0
 RECOVER_SECONDS = 60.0
+FAILOVER_SECONDS = EtcdConfig.parse(DEFAULT_ENDPOINTS).failover_timeout  # what the daemons use
 
 # Run inside CNI_NODE: every allocation (address, handle) from the blocks, every endpoint's addresses, and the
 # consistency check's problems, all from one read.
@@ -320,6 +322,8 @@ def test_all_members_stopped_and_restarted(etcd3: LabHandle, pods: Pods, tmp_pat
         error = failed.json
         assert error["code"] == 11, failed  # try again later
         assert "etcd" in error["msg"] and "retry" in error["msg"] and "\n" not in error["msg"], error
+        # The answer comes after the datastore's failover time (30 s), once: the clean-up does not wait it again.
+        assert outage_add_seconds < FAILOVER_SECONDS + 20, f"the failed ADD took {outage_add_seconds:.1f}s"
         # Nothing of the failed ADD is left: no veth, no route, nothing in the pod (the datastore is read after).
         assert cali_links(etcd3) == links_before
         assert host_routes(etcd3) == routes_before

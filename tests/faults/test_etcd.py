@@ -193,6 +193,14 @@ def daemons(handle: LabHandle) -> dict[str, Process]:
     return found
 
 
+def wait_showing_log(handle: LabHandle, node: str, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """``handle.wait_for``, with the end of the node daemon's log in the failure: what it did meanwhile."""
+    try:
+        handle.wait_for(predicate, timeout, what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; calico-py-node on {node} logged:\n{daemon_log(handle, node)[-3000:]}") from None
+
+
 def assert_same_daemons(handle: LabHandle, before: dict[str, Process]) -> None:
     """The daemons that ran before the fault still run: none exited, none was restarted."""
     for node, process in before.items():
@@ -238,7 +246,7 @@ def runtime(handle: LabHandle, tmp_path: Path) -> Runtime:
     return Runtime(handle, tmp_path / "cni-bin", CNI_NODE)  # installed by place_pods
 
 
-def add_until_it_works(handle: LabHandle, rt: Runtime, ns: str, container: str, timeout: float) -> Call:
+def add_until_it_works(rt: Runtime, ns: str, container: str, timeout: float) -> Call:
     """ADD as a runtime retries one: after a failure, DEL the attempt, then ADD again, until ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -281,7 +289,7 @@ def test_one_member_killed(etcd3: LabHandle, pods: Pods, tmp_path: Path, fault_r
         # The new pod is reachable across nodes, and every daemon still reads the datastore (readiness does).
         assert pod_ping(placed.namespaces["node2"], address, timeout=30), "pod added after the kill is unreachable"
         for node in NODES:
-            etcd3.wait_for(lambda node=node: ready(etcd3, node), RECOVER_SECONDS, f"{node} to be ready")
+            wait_showing_log(etcd3, node, lambda node=node: ready(etcd3, node), RECOVER_SECONDS, f"{node} to be ready")
         assert_same_daemons(etcd3, running)
         new_leader = leader(etcd3)
         start_members(etcd3, (victim,))  # and it rejoins on its data
@@ -337,16 +345,17 @@ def test_all_members_stopped_and_restarted(etcd3: LabHandle, pods: Pods, tmp_pat
 
         back_at = time.monotonic()  # recovery counts from the moment etcd is started again
         start_members(etcd3, MEMBERS)
-        added = add_until_it_works(etcd3, rt, later_ns, "s-later", RECOVER_SECONDS)
+        added = add_until_it_works(rt, later_ns, "s-later", RECOVER_SECONDS)
         fault_report.recovery_seconds.append(time.monotonic() - back_at)
         assert added.rc == 0, f"no CNI ADD succeeded within {RECOVER_SECONDS:g}s of etcd's return:\n{added}"
         later = added.json["ips"][0]["address"].split("/")[0]
         assert pod_ping(placed.namespaces["node2"], later, timeout=30), "pod added after the outage is unreachable"
-        etcd3.wait_for(lambda: spare in host_routes_of(etcd3, "node3"), RECOVER_SECONDS,
-                       "node3 to repair the route deleted during the outage")
+        wait_showing_log(etcd3, "node3", lambda: spare in host_routes_of(etcd3, "node3"), RECOVER_SECONDS,
+                         "node3 to repair the route deleted during the outage")
         assert pod_ping(placed.namespaces["node1"], spare, timeout=30), "the repaired route does not carry traffic"
         for node in NODES:
-            etcd3.wait_for(lambda node=node: ready(etcd3, node), RECOVER_SECONDS, f"{node} to be ready again")
+            wait_showing_log(etcd3, node, lambda node=node: ready(etcd3, node), RECOVER_SECONDS,
+                             f"{node} to be ready again")
         assert_same_daemons(etcd3, running)
     count_packets(fault_report, pingers)
     fault_report.notes = (f"a CNI ADD during the outage failed cleanly in {outage_add_seconds:.1f}s; recovery = etcd "

@@ -232,6 +232,7 @@ def render_exabgp(router_id: str, peers: Iterable[PeerSpec], relay: list[str], g
             f"    local-as {peer.local_as};",
             f"    peer-as {peer.peer_as};",
             "    hold-time 30;",
+            "    manual-eor true;",  # End-of-RIB from the daemon, once our routes are out (see ExaBGP._api)
             *([f'    md5-password "{peer.password}";'] if peer.password else []),
             *([f"    capability {{ graceful-restart {graceful_restart}; }}"] if graceful_restart else []),
             "    family { ipv4 unicast; }",

@@ -370,6 +370,16 @@ class ExaBGP:
             self.reflected.pop(peer, None)  # and what we reflect to it, on the next reflect()
         await self._writer.drain()
 
+    async def _end_of_rib(self, peers: list[str]) -> None:
+        """End-of-RIB to peers whose session just came up, after our routes (ExaBGP runs with ``manual-eor``).
+        ExaBGP's own would go out as soon as the session is up: from a just restarted ExaBGP that is before the
+        daemon gave it any route, and a peer would drop our routes it kept (graceful restart) until they come."""
+        if self._writer is None:
+            return
+        for peer in peers:
+            self._writer.write(f"neighbor {peer} announce eor ipv4 unicast\n".encode())
+        await self._writer.drain()
+
     async def reflect(self) -> None:
         """As a route reflector, tell ExaBGP what to re-advertise to each peer (only the difference)."""
         if self.cluster_id is None or self._writer is None:
@@ -406,12 +416,14 @@ class ExaBGP:
         try:
             while line := await reader.readline():
                 changed = self._handle(line)
-                if self._came_up:
-                    await self._refresh(self._came_up)
-                    self._came_up = []
+                came_up, self._came_up = self._came_up, []
+                if came_up:
+                    await self._refresh(came_up)
                     changed = True
                 if changed:
                     await self.reflect()
+                if came_up:
+                    await self._end_of_rib(came_up)
         finally:
             if self._writer is writer:
                 self._writer = None

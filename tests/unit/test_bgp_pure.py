@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
+import socket
 from pathlib import Path
 
 from bgpd.desired import RouteSpec, remote_routes
@@ -291,3 +293,29 @@ def test_exabgp_exiting_keeps_every_peers_routes_as_stale_until_relearned(tmp_pa
     eor = {"eor": {"afi": "ipv4", "safi": "unicast"}}
     speaker._handle(json.dumps({"type": "update", "neighbor": {**neighbor, "message": eor}}).encode())
     assert speaker.learned() == {"10.244.2.0/26": ("10.0.0.12",)}
+
+
+def test_end_of_rib_goes_to_a_peer_after_our_routes(tmp_path: Path) -> None:
+    """ExaBGP runs with manual-eor: a restarted one would send End-of-RIB before the daemon gave it our routes,
+    and the peer would drop the routes of ours it kept for the restart (a gap in forwarding)."""
+    assert "manual-eor true;" in render_exabgp("10.0.0.11", desired_peers(NODES[0], NODES, None, []), ["relay"])
+
+    async def session() -> list[str]:
+        speaker = ExaBGP(tmp_path, "10.0.0.11", on_routes=lambda: None)
+        speaker.set_peers(desired_peers(NODES[0], NODES, None, []))
+        speaker.wanted = {"10.244.1.0/26"}
+        daemon_end, relay_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        reader, writer = await asyncio.open_unix_connection(sock=daemon_end)
+        up = {"type": "state", "neighbor": {"address": {"peer": "10.0.0.12"}, "state": "up"}}
+        relay_end.sendall(json.dumps(up).encode() + b"\n")
+        relay_end.shutdown(socket.SHUT_WR)  # ExaBGP goes after this one event
+        await speaker._api(reader, writer)
+        await writer.wait_closed()  # what the daemon wrote is in the socket once its end is closed
+        relay_end.settimeout(10)
+        with relay_end, relay_end.makefile("rb") as commands:
+            return commands.read().decode().splitlines()
+
+    lines = asyncio.run(session())
+    assert lines == ["announce route 10.244.1.0/26 next-hop self",  # the new API connection: everything, to all
+                     "neighbor 10.0.0.12 announce route 10.244.1.0/26 next-hop self",  # the peer that came up
+                     "neighbor 10.0.0.12 announce eor ipv4 unicast"]

@@ -1,0 +1,99 @@
+"""Fault: node1's ExaBGP killed with SIGKILL, three times in one mesh3 lab.
+
+The daemon must start a new one; meanwhile node1's kernel keeps the routes it learned and the other nodes keep
+node1's routes (graceful restart on both sides), so a continuous ping between pods on node1 and node2 loses
+(almost) nothing; every session is Established again within seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+from containerlab import netns
+from tests.e2e.test_bgp import mesh3, place_pods, sessions  # noqa: F401 - mesh3 is a fixture
+from tests.e2e.test_bgp_restart import has_route
+from tests.e2e.test_cni import Pods, pod_ping
+from tests.faults.conftest import FaultRecord, Pinger
+from tests.labfixture import LabHandle
+
+RUNS = 3
+RECOVERY_DEADLINE = 45.0  # seconds; a loaded CI host is slow, a stuck session is not
+ADDRESSES = {"node1": "10.0.0.11", "node2": "10.0.0.12", "node3": "10.0.0.13"}
+
+
+def exabgp_pid(handle: LabHandle, node: str) -> int | None:
+    """The node's running ExaBGP: the PID its daemon recorded, if that process lives in the node's namespace and
+    is an ExaBGP (never found by name: other labs run ExaBGPs too)."""
+    try:
+        pid = int((handle.lab.run_dir / node / "exabgp.pid").read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    if b"exabgp" not in cmdline or pid not in netns.namespace_pids(handle.netns(node)):
+        return None
+    return pid
+
+
+def missing_replies(output: str) -> list[int]:
+    """The icmp_seq numbers ping sent and got no answer for (ping prints one line per answer)."""
+    answered = {int(seq) for seq in re.findall(r"icmp_seq=(\d+)", output)}
+    return sorted(set(range(1, max(answered, default=0) + 1)) - answered)
+
+
+def mesh_up_with_node1(handle: LabHandle) -> bool:
+    """node1 has both sessions Established, and both other nodes have theirs to node1."""
+    return (len(sessions(handle, "node1")) == 2
+            and all(ADDRESSES["node1"] in sessions(handle, node) for node in ("node2", "node3")))
+
+
+def test_exabgp_killed_is_restarted_and_forwarding_survives(mesh3: LabHandle, pods: Pods, tmp_path: Path,  # noqa: F811
+                                                            fault_report: FaultRecord) -> None:
+    fault_report.fault = "ExaBGP SIGKILL"
+    handle = mesh3
+    placed = place_pods(handle, pods, tmp_path, ("node1", "node2"), "xk")
+    (pod1, address1), (_, address2) = placed["node1"], placed["node2"]
+    assert pod_ping(pod1, address2, timeout=30), "pods on node1 and node2 do not reach each other before the fault"
+    handle.wait_for(lambda: has_route(handle, "node1", address2) and has_route(handle, "node2", address1), 30,
+                    "each node's route to the other's pod block")
+
+    for run in range(1, RUNS + 1):
+        old = exabgp_pid(handle, "node1")
+        assert old is not None, "node1's ExaBGP is not running"
+        routes_missing: list[str] = []
+        with Pinger(pod1, address2) as pinger:
+            os.kill(old, signal.SIGKILL)
+            killed = time.monotonic()
+            deadline = killed + RECOVERY_DEADLINE
+
+            def restarted(old: int = old) -> bool:
+                new = exabgp_pid(handle, "node1")
+                return new is not None and new != old
+
+            while not (restarted() and mesh_up_with_node1(handle)):
+                # Graceful restart, both ways: checked on every turn while node1 has no (working) ExaBGP.
+                if not has_route(handle, "node1", address2):
+                    routes_missing.append(f"{time.monotonic() - killed:.1f}s: node1 lost its route to node2's pod")
+                if not has_route(handle, "node2", address1):
+                    routes_missing.append(f"{time.monotonic() - killed:.1f}s: node2 lost its route to node1's pod")
+                assert time.monotonic() < deadline, (
+                    f"run {run}: node1's ExaBGP restarted={restarted()}, sessions node1={sessions(handle, 'node1')}"
+                    f" node2={sessions(handle, 'node2')} node3={sessions(handle, 'node3')} after"
+                    f" {RECOVERY_DEADLINE:g}s")
+                time.sleep(0.1)  # poll interval (the deadline above bounds the wait)
+            recovery = time.monotonic() - killed
+            # The routes are still right once the new ExaBGP relearned them (stale ones replaced, not dropped).
+            assert has_route(handle, "node1", address2) and has_route(handle, "node2", address1)
+            assert pod_ping(pod1, address2, timeout=5)
+        fault_report.runs += 1
+        fault_report.packets_sent += pinger.sent
+        fault_report.packets_lost += pinger.lost
+        fault_report.recovery_seconds.append(recovery)
+        print(f"\nrun {run}: sessions back {recovery:.1f}s after the kill; unanswered icmp_seq "
+              f"{missing_replies(pinger.output)} of {pinger.sent}; {pinger.summary()}")
+        assert not routes_missing, routes_missing
+        assert pinger.sent > 10 and pinger.lost <= 1, pinger.summary()
+    fault_report.notes = "IPAM untouched by this fault; routes kept in every kernel throughout (graceful restart)"

@@ -42,17 +42,22 @@ class PodRequest:
     attributes: dict[str, str] = field(default_factory=dict)
 
 
+def _short(raw: str, limit: int = 80) -> str:
+    """The annotation as quoted in an error: its repr (one line), cut short when long."""
+    return repr(raw) if len(raw) <= limit else f"{raw[:limit]!r}... ({len(raw)} characters)"
+
+
 def _json_list(annotations: Mapping[str, str], key: str, where: str) -> list[str] | None:
     raw = annotations.get(key)
     if raw is None:
         return None
     try:
         value = json.loads(raw)
-    except ValueError:
-        raise AnnotationError(f"{where} annotation {key} is not JSON: {raw!r}; write a list such as "
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+        raise AnnotationError(f"{where} annotation {key} is not JSON: {_short(raw)}; write a list such as "
                               '["default-ipv4-ippool"]') from None
     if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-        raise AnnotationError(f"{where} annotation {key} must be a non-empty JSON list of strings, not {raw!r}")
+        raise AnnotationError(f"{where} annotation {key} must be a non-empty JSON list of strings, not {_short(raw)}")
     return value
 
 

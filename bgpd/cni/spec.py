@@ -102,6 +102,9 @@ def parse_request(env: dict[str, str], stdin: bytes | str) -> Request:
         config = json.loads(stdin or b"{}") if command != "VERSION" or stdin else {}
     except (ValueError, UnicodeDecodeError) as exc:
         raise CNIError(DECODE_FAILURE, f"network configuration on stdin is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise CNIError(DECODE_FAILURE, "network configuration on stdin is nested too deeply to be a network "
+                                       "configuration") from None
     if not isinstance(config, dict):
         raise CNIError(DECODE_FAILURE, "network configuration on stdin must be a JSON object")
     version = str(config.get("cniVersion", CURRENT_VERSION if command == "VERSION" else ""))

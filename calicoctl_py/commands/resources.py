@@ -84,11 +84,18 @@ def read_documents(path: str, stdin: TextIO | None = None) -> list[tuple[str, An
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
-        raise UserError(f"{where}: not valid YAML/JSON: {getattr(exc, 'problem', exc)}; nothing was written") from None
+        # problem: the parser's own one-line reason; a reader error (a control character) has only its str()
+        problem = " ".join(str(getattr(exc, "problem", None) or str(exc).splitlines()[0]).split())
+        raise UserError(f"{where}: not valid YAML/JSON: {problem}; nothing was written") from None
+    except RecursionError:
+        raise UserError(f"{source}: nested too deeply to be a resource file; nothing was written") from None
     documents: list[tuple[str, Any]] = []
     for index, doc in enumerate(d for d in raw if d is not None):
         items = doc if isinstance(doc, list) else doc.get("items") if isinstance(doc, dict) and str(
             doc.get("kind", "")).endswith("List") else [doc]
+        if items is not None and not isinstance(items, list):
+            raise UserError(f"{source} document {index + 1}: items of a {doc.get('kind')} must be a list of "
+                            "resources; nothing was written")
         for sub, item in enumerate(items or []):
             label = f"{source} document {index + 1}" + (f" item {sub + 1}" if len(items) > 1 else "")
             documents.append((label, item))

@@ -1,0 +1,218 @@
+"""Fuzzing what users and peers hand us (hypothesis): the CNI request parser, Calico's pod annotations, the
+resource validators calicoctl-py runs on YAML files, and the BGP import filter. Whatever comes in, the only
+exception out is the documented one (CNIError with a spec code, AnnotationError, InvalidResource, UserError), and
+its message is one non-empty line: what is wrong, and what to do."""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import json
+import os
+import string
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from bgpd.cni import spec
+from bgpd.cni.annotations import IP_ADDRS, IPV4_POOLS, IPV6_POOLS, AnnotationError, pod_request
+from bgpd.speaker.peers import (
+    AS_PATH_TOO_LONG,
+    DEFAULT_ROUTE,
+    MALFORMED,
+    MAX_AS_PATH,
+    MORE_SPECIFIC,
+    OUTSIDE_POOLS,
+    WHOLE_POOL,
+    PoolFilter,
+)
+from calicoctl_py.commands.resources import UserError, normalise, read_documents
+from ipam.errors import InvalidResource
+from ipam.model import IPPool
+from ipam.validation import validate
+
+# FUZZ_EXAMPLES=5000 for a longer hunt; the default keeps the file within a few seconds.
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "150")), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+SPEC_CODES = {value for name, value in vars(spec).items() if name.isupper() and isinstance(value, int)}
+
+# JSON-like values: what a decoder can give back, nested.
+scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=20)
+DEEP = "[" * 3000  # nesting deeper than the interpreter's recursion limit (1000)
+
+
+def one_clean_line(exc: BaseException) -> None:
+    message = str(exc)
+    assert message.strip(), f"{type(exc).__name__} with an empty message"
+    assert "\n" not in message and "\r" not in message, f"a message of several lines: {message!r}"
+
+
+# ------------------------------------------------------------------ CNI
+
+env_keys = st.sampled_from(["CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH"])
+commands = st.sampled_from([*spec.COMMANDS, "", "add", "ADD ", "DEL\n"]) | st.text(max_size=8)
+versions = st.sampled_from([*spec.SUPPORTED_VERSIONS, "2.0.0", ""]) | json_values
+configs = st.fixed_dictionaries({}, optional={"cniVersion": versions, "name": st.text(max_size=10) | json_values,
+                                              "type": st.just("calico-py"), "ipam": json_values,
+                                              "mtu": json_values}) | json_values
+stdins = (configs.map(lambda c: json.dumps(c).encode()) | st.binary(max_size=64) | st.text(max_size=64)
+          | st.sampled_from([DEEP, DEEP.encode(), b"\xff\xfe", "{\"name\": \"\ud800\"}", ""]))
+
+
+@FUZZ
+@given(env=st.dictionaries(env_keys, st.text(max_size=20), max_size=6), command=commands, stdin=stdins)
+def test_cni_parse_request_accepts_or_says_what_is_wrong(env: dict[str, str], command: str, stdin: Any) -> None:
+    env = {**env, "CNI_COMMAND": command}
+    try:
+        request = spec.parse_request(env, stdin)
+    except spec.CNIError as exc:
+        assert exc.code in SPEC_CODES
+        one_clean_line(exc)
+        json.dumps(exc.to_json())  # what the shim prints must serialise
+        return
+    assert request.command in spec.COMMANDS and isinstance(request.config, dict)
+
+
+@FUZZ
+@given(st.text(max_size=40) | st.lists(st.sampled_from(["K=V", ";", "=", "A=", "=B", "K8S_POD_NAME=x", "\n"]))
+       .map("".join))
+def test_cni_args_parse_or_say_what_is_wrong(text: str) -> None:
+    try:
+        parsed = spec.parse_args(text)
+    except spec.CNIError as exc:
+        assert exc.code == spec.INVALID_ENVIRONMENT
+        one_clean_line(exc)
+        return
+    assert all(key and "=" not in key for key in parsed)
+
+
+annotation_values = (st.text(max_size=30) | json_values.map(json.dumps)
+                     | st.lists(st.text(max_size=8) | st.sampled_from(["10.244.1.1", "fd00::1", "fe80::1%eth0"]),
+                                max_size=3).map(json.dumps)
+                     | st.just(DEEP))
+annotations = st.dictionaries(st.sampled_from([IPV4_POOLS, IPV6_POOLS, IP_ADDRS, "other"]), annotation_values,
+                              max_size=3)
+
+
+@FUZZ
+@given(pod=annotations, namespace=annotations, labels=st.dictionaries(st.text(max_size=8), st.text(max_size=8)))
+@example(pod={IPV4_POOLS: DEEP}, namespace={}, labels={})
+def test_pod_annotations_are_used_or_refused_in_one_line(pod: dict[str, str], namespace: dict[str, str],
+                                                         labels: dict[str, str]) -> None:
+    try:
+        chosen = pod_request(pod, namespace, labels)
+    except AnnotationError as exc:
+        one_clean_line(exc)
+        return
+    assert all(isinstance(p, str) and p for p in chosen.ipv4_pools or ())
+    assert len({a.version for a in chosen.fixed}) == len(chosen.fixed)
+
+
+# ------------------------------------------------------------------ resources (calicoctl-py create/apply)
+
+kinds = st.sampled_from(["IPPool", "BGPPeer", "BGPConfiguration", "Node", "ippool", "FooList", "List", ""])
+field_values = (json_values | st.sampled_from(["10.244.0.0/16", "10.244.0.1/16", "fd00::/48", "10.0.0.1",
+                                                "10.0.0.1:1179", "[fd00::1]:179", "120s", "all()", "has(x",
+                                                "a == 'b'", "Always", "Never", "UseNodeIP", "00:11:22:33:44:55",
+                                                "10.0.0.11/24", "169.254.0.0/16"])
+                | st.integers(-1, 2**33) | st.just({"secretKeyRef": {"name": "s", "key": "k"}}))
+spec_fields = st.sampled_from(["cidr", "blockSize", "ipipMode", "vxlanMode", "natOutgoing", "nodeSelector",
+                               "disabled", "allowedUses", "peerIP", "asNumber", "node", "peerSelector",
+                               "password", "nodeToNodeMeshEnabled", "listenPort", "serviceClusterIPs",
+                               "nodeMeshMaxRestartTime", "bgp", "orchRefs", "unknownField"])
+specs = st.dictionaries(spec_fields, field_values | st.dictionaries(
+    st.sampled_from(["ipv4Address", "asNumber", "routeReflectorClusterID", "x"]), field_values), max_size=5)
+names = st.sampled_from(["default", "pool-1", "node.a", "Bad_Name", ""]) | json_values
+documents = st.fixed_dictionaries(
+    {"kind": kinds}, optional={"apiVersion": st.sampled_from(["projectcalico.org/v3", "v1"]) | json_values,
+                               "metadata": st.fixed_dictionaries({}, optional={"name": names,
+                                                                              "labels": json_values})
+                               | json_values,
+                               "spec": specs | json_values, "items": st.lists(json_values, max_size=2) | json_values})
+
+
+@FUZZ
+@given(documents | json_values)
+def test_resource_validators_accept_or_name_field_and_reason(document: Any) -> None:
+    for check in (validate, IPPool.from_v3):
+        try:
+            check(document)
+        except InvalidResource as exc:
+            one_clean_line(exc)
+    try:
+        normalise("file document 1", document)
+    except UserError as exc:
+        one_clean_line(exc)
+
+
+yaml_texts = (documents.map(lambda d: json.dumps(d)) | json_values.map(json.dumps) | st.text(max_size=80)
+              | st.lists(st.sampled_from(["kind: IPPool\n", "metadata: {name: a}\n", "spec:\n", "  cidr: x\n",
+                                          "---\n", "- a\n", "items: 5\n", "kind: FooList\n", "&a [*a]\n",
+                                          "!!python/object:os.system {}\n",
+                                          "key: [\n", "\t", ": :\n", "%YAML 9\n"]), max_size=8).map("".join)
+              | st.just(DEEP))
+
+
+@FUZZ
+@given(yaml_texts)
+@example("kind: IPPoolList\nitems: 5\n")
+@example("kind: BGPPeerList\nitems: {a: 1}\n")
+def test_calicoctl_reads_any_file_into_documents_or_one_clean_error(text: str) -> None:
+    try:
+        for label, document in read_documents("-", io.StringIO(text)):
+            try:
+                normalise(label, document)
+            except UserError as exc:
+                one_clean_line(exc)
+    except UserError as exc:
+        one_clean_line(exc)
+
+
+# ------------------------------------------------------------------ BGP: what a peer announces
+
+POOLS = [IPPool("p", ipaddress.ip_network("10.244.0.0/16"), 26),
+         IPPool("one-block", ipaddress.ip_network("10.96.0.0/26"), 26),
+         IPPool("v6", ipaddress.ip_network("fd00:10::/48"), 122)]
+
+
+@pytest.mark.parametrize(("prefix", "path_length", "reason"), [
+    ("10.244.7.0/26", 1, None),  # another node's block
+    ("10.244.7.9/32", 1, None),  # a borrowed address: a host route, longest prefix wins
+    ("10.244.0.0/20", 1, None),  # an aggregate of blocks (a ToR summarising)
+    ("10.96.0.0/26", 0, None),  # a one-block pool's own CIDR
+    ("fd00:10::40/122", 0, None),
+    ("fd00:10::41/128", 0, None),
+    ("10.244.7.16/28", 1, MORE_SPECIFIC),  # a piece of another node's block
+    ("10.244.7.8/31", 1, MORE_SPECIFIC),
+    ("fd00:10::40/124", 0, MORE_SPECIFIC),
+    ("0.0.0.0/0", 1, DEFAULT_ROUTE),
+    ("::/0", 1, DEFAULT_ROUTE),
+    ("10.0.0.12/32", 1, OUTSIDE_POOLS),  # a node address
+    ("192.0.2.0/24", 1, OUTSIDE_POOLS),
+    ("10.0.0.0/8", 1, OUTSIDE_POOLS),  # covers the pool: not inside it
+    ("10.244.0.0/16", 1, WHOLE_POOL),
+    ("10.244.7.0/26", MAX_AS_PATH + 1, AS_PATH_TOO_LONG),
+    ("10.244.7.0/26", MAX_AS_PATH, None),
+    ("192.0.2.0/24", 1000, OUTSIDE_POOLS),  # the first reason found is the one counted
+    ("10.244.7.1/26", 1, MALFORMED),  # host bits set
+    ("bogus", 1, MALFORMED),
+])
+def test_import_filter_reasons(prefix: str, path_length: int, reason: str | None) -> None:
+    assert PoolFilter(POOLS).reason(prefix, path_length) == reason
+    assert PoolFilter(POOLS)(prefix) == (PoolFilter(POOLS).reason(prefix) is None)
+
+
+@FUZZ
+@given(st.text(string.hexdigits + ".:/%", max_size=45) | st.text(max_size=20)
+       | st.builds(lambda a, n: f"{ipaddress.IPv4Address(a)}/{n}", st.integers(0, 2**32 - 1), st.integers(-1, 33)),
+       st.integers(0, 5000))
+def test_import_filter_judges_any_text_without_raising(prefix: str, path_length: int) -> None:
+    reason = PoolFilter(POOLS).reason(prefix, path_length)
+    assert reason in (None, OUTSIDE_POOLS, DEFAULT_ROUTE, WHOLE_POOL, MORE_SPECIFIC, AS_PATH_TOO_LONG, MALFORMED)
+    if reason is None:  # accepted: inside a pool, as a block, an aggregate or a host route
+        network = ipaddress.ip_network(prefix)
+        assert any(network.version == p.cidr.version and network.subnet_of(p.cidr) for p in POOLS)  # type: ignore[arg-type]

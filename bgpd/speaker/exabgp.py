@@ -38,8 +38,10 @@ from bgpd.unixsock import bind_abstract, peer_uid
 log = logging.getLogger("calico-py-node.bgp")
 API_SOCKET = "\0calico-py-exabgp"
 API_READY_TIMEOUT = 10.0  # seconds a reload waits for a starting ExaBGP before signalling it anyway
-RELOAD_CONFIRM_TIMEOUT = 2.0  # seconds ExaBGP has to start acting on a SIGUSR1 before it is sent again
-RELOAD_ATTEMPTS = 5  # SIGUSR1s per configuration change before ExaBGP is restarted instead
+RELOAD_CONFIRM_TIMEOUT = 3.0  # seconds ExaBGP has to start acting on a SIGUSR1 before it is sent again
+# SIGUSR1s per configuration change before ExaBGP is restarted instead: a peer that stays down keeps routes queued
+# for it, and every reload dropped, so a restart (cheap: graceful restart both ways) must come soon.
+RELOAD_ATTEMPTS = 3
 U32_MAX = 2**32 - 1  # AS numbers, LOCAL_PREF and MED are four-octet fields
 RESTART_TIME_MAX = 4095  # the graceful-restart capability's restart time is 12 bits (RFC 4724)
 
@@ -235,7 +237,7 @@ class ExaBGP:
             assert self._process is not None
             with contextlib.suppress(ProcessLookupError):
                 self._process.send_signal(signal.SIGUSR1)
-            deadline = time.monotonic() + RELOAD_CONFIRM_TIMEOUT * attempt
+            deadline = time.monotonic() + RELOAD_CONFIRM_TIMEOUT
             while (outcome := reload_outcome(_read_from(exabgp_log, offset))) is None:
                 if exited.done():
                     return False

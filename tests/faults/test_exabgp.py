@@ -1,8 +1,12 @@
-"""Fault: node1's ExaBGP killed with SIGKILL, three times in one mesh3 lab.
+"""Faults of node1's ExaBGP in mesh3.
 
-The daemon must start a new one; meanwhile node1's kernel keeps the routes it learned and the other nodes keep
-node1's routes (graceful restart on both sides), so a continuous ping between pods on node1 and node2 loses
-(almost) nothing; every session is Established again within seconds.
+Killed with SIGKILL, three times in one lab: the daemon must start a new one; meanwhile node1's kernel keeps the
+routes it learned and the other nodes keep node1's routes (graceful restart on both sides), so a continuous ping
+between pods on node1 and node2 loses (almost) nothing; every session is Established again within seconds.
+
+Deaf to reloads: ExaBGP 5.0 drops a SIGUSR1 without a word while a configured peer that is down has routes queued
+(the cause of the mesh3 flake where a session stayed Active at both ends). The daemon must notice and get the new
+peers configured anyway.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import time
 from pathlib import Path
 
 from containerlab import netns
-from tests.e2e.test_bgp import mesh3, place_pods, sessions  # noqa: F401 - mesh3 is a fixture
+from tests.e2e.test_bgp import apply_resources, mesh3, peer_rows, place_pods, sessions  # noqa: F401 - mesh3: a fixture
 from tests.e2e.test_bgp_restart import has_route
 from tests.e2e.test_cni import Pods, pod_ping
 from tests.faults.conftest import FaultRecord, Pinger
@@ -97,3 +101,44 @@ def test_exabgp_killed_is_restarted_and_forwarding_survives(mesh3: LabHandle, po
         assert not routes_missing, routes_missing
         assert pinger.sent > 10 and pinger.lost <= 1, pinger.summary()
     fault_report.notes = "IPAM untouched by this fault; routes kept in every kernel throughout (graceful restart)"
+
+
+def test_peers_added_while_another_peer_is_down_still_come_up(mesh3: LabHandle, pods: Pods,  # noqa: F811
+                                                              tmp_path: Path, fault_report: FaultRecord) -> None:
+    fault_report.fault = "ExaBGP drops reloads (a peer down)"
+    handle = mesh3
+    placed = place_pods(handle, pods, tmp_path, ("node1", "node2"), "rd")
+    config = tmp_path / "mesh.yaml"
+    config.write_text("apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata: {name: default}\n"
+                      "spec: {nodeToNodeMeshEnabled: false}\n")
+    apply_resources(handle, "172.20.20.2", config)
+    nowhere = tmp_path / "nowhere.yaml"
+    nowhere.write_text("apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {name: nowhere}\n"
+                       "spec: {node: node1, peerIP: 10.0.0.99, asNumber: 64512}\n")  # no speaker there: down for good
+    apply_resources(handle, "172.20.20.2", nowhere)
+    handle.wait_for(lambda: set(peer_rows(handle, "node1")) == {"10.0.0.99"}, 30, "node1 to have only the dead peer")
+    # A new ExaBGP gets our routes for every configured peer: the dead one's stay queued from now on.
+    old = exabgp_pid(handle, "node1")
+    assert old is not None
+    exabgp_log = handle.lab.run_dir / "node1" / "exabgp.log"
+    offset = exabgp_log.stat().st_size
+    os.kill(old, signal.SIGKILL)
+    handle.wait_for(lambda: "route added to neighbor 10.0.0.99" in exabgp_log.read_text(errors="replace")[offset:],
+                    30, "node1's new ExaBGP to queue our routes for the dead peer")
+    node_log = handle.lab.run_dir / "node1" / "calico-py-node.log"
+    node_offset = node_log.stat().st_size
+
+    config.write_text(config.read_text().replace("false", "true"))
+    apply_resources(handle, "172.20.20.2", config)  # the mesh is back: node1's ExaBGP must add two peers
+    changed = time.monotonic()
+    handle.wait_for(lambda: len(sessions(handle, "node1")) == 2, 60,
+                    "node1's mesh sessions to come up although its ExaBGP drops reloads")
+    recovery = time.monotonic() - changed
+    log = node_log.read_text(errors="replace")[node_offset:]
+    assert "did not act on reload signal" in log, "ExaBGP took the reload: this test no longer meets its fault"
+    assert pod_ping(placed["node1"][0], placed["node2"][1], timeout=30)
+    fault_report.runs = 1
+    fault_report.recovery_seconds.append(recovery)
+    fault_report.notes = "reload dropped by ExaBGP, sent again, then ExaBGP restarted with the new peers"
+    print(f"\nmesh sessions up {recovery:.1f}s after the change, through: "
+          + "; ".join(line.split(" ", 4)[-1] for line in log.splitlines() if "reload" in line))

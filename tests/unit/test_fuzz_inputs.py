@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 import string
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,16 +19,22 @@ from hypothesis import strategies as st
 
 from bgpd.cni import spec
 from bgpd.cni.annotations import IP_ADDRS, IPV4_POOLS, IPV6_POOLS, AnnotationError, pod_request
+from bgpd.health import Metrics
+from bgpd.speaker.exabgp import ExaBGP
 from bgpd.speaker.peers import (
     AS_PATH_TOO_LONG,
     DEFAULT_ROUTE,
+    GLOBAL,
     MALFORMED,
     MAX_AS_PATH,
+    MESH,
     MORE_SPECIFIC,
     OUTSIDE_POOLS,
     WHOLE_POOL,
+    PeerSpec,
     PoolFilter,
 )
+from bgpd.speaker.sync import BGPSync
 from calicoctl_py.commands.resources import UserError, normalise, read_documents
 from ipam.errors import InvalidResource
 from ipam.model import IPPool
@@ -216,3 +223,47 @@ def test_import_filter_judges_any_text_without_raising(prefix: str, path_length:
     if reason is None:  # accepted: inside a pool, as a block, an aggregate or a host route
         network = ipaddress.ip_network(prefix)
         assert any(network.version == p.cidr.version and network.subnet_of(p.cidr) for p in POOLS)  # type: ignore[arg-type]
+
+
+def test_refused_routes_are_counted_once_per_announcement_and_exposed_as_a_metric(tmp_path: Path) -> None:
+    speaker = ExaBGP(tmp_path, "10.0.0.11", on_routes=lambda: None)
+    rogue, mesh = "10.0.0.66", "10.0.0.12"
+    speaker.set_peers([PeerSpec(rogue, 65066, 64512, "10.0.0.11", GLOBAL, "rogue"),
+                       PeerSpec(mesh, 64512, 64512, "10.0.0.11", MESH, "node2")])
+    sync = BGPSync(store=None, speaker=speaker, node="node1")  # type: ignore[arg-type]  # no datastore needed
+    sync.pools = POOLS[:1]
+
+    def update(peer: str, announce: list[str] = (), withdraw: list[str] = (), **attributes: Any) -> None:  # type: ignore[assignment]
+        body: dict[str, Any] = {"attribute": attributes}
+        if announce:
+            body["announce"] = {"ipv4 unicast": {peer: [{"nlri": p} for p in announce]}}
+        if withdraw:
+            body["withdraw"] = {"ipv4 unicast": [{"nlri": p} for p in withdraw]}
+        speaker._handle(json.dumps({"type": "update", "neighbor": {
+            "address": {"peer": peer, "local": "10.0.0.11"}, "message": {"update": body}}}).encode())
+
+    update(mesh, ["10.244.9.0/26"], **{"local-preference": 100})
+    update(rogue, ["0.0.0.0/0", "192.0.2.0/24", "10.244.9.16/28", "10.244.9.0/26"],
+           **{"local-preference": 1000, "as-path": [65066]})
+    assert sync.learned_changes() == {"10.244.9.0/26": (mesh,), "0.0.0.0/0": (), "192.0.2.0/24": (),
+                                      "10.244.9.16/28": ()}  # the rogue's LOCAL_PREF is ignored: node2's path wins
+    counts = {(rogue, DEFAULT_ROUTE): 1, (rogue, OUTSIDE_POOLS): 1, (rogue, MORE_SPECIFIC): 1}
+    assert sync.rejected_total == counts
+    assert sync.learned() == {"10.244.9.0/26": (mesh,)} and sync.learned_changes() == {}
+    assert sync.rejected_total == counts  # the filter ran again; the peer announced nothing new
+    update(rogue, withdraw=["192.0.2.0/24"])
+    sync.learned_changes()
+    update(rogue, ["192.0.2.0/24"])  # announced again after a withdrawal: counted again
+    sync.learned_changes()
+    assert sync.rejected_total[(rogue, OUTSIDE_POOLS)] == 2
+    speaker.peers[rogue].downs, speaker.peers[rogue].last_down = 1, "notification sent (3,1)"
+    sync.note_malformed()
+    sync.note_malformed()  # the same reset seen twice counts once
+    assert sync.rejected_total[(rogue, MALFORMED)] == 1
+
+    snapshot = {"peers": sync.status(), "reconcile": {"runs": 0, "fast_runs": 0, "errors": 0, "last_seconds": 0.0},
+                "workloads": 0, "datastore": {"failovers": 0}}
+    text = Metrics(lambda: snapshot).text().decode()
+    assert f'calico_py_bgp_routes_rejected_total{{peer="{rogue}",reason="outside-pools"}} 2.0' in text
+    assert f'calico_py_bgp_routes_rejected_total{{peer="{rogue}",reason="malformed"}} 1.0' in text
+    assert f'peer="{mesh}",reason' not in text

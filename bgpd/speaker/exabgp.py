@@ -96,6 +96,7 @@ class ExaBGP:
         self.touched: set[str] = set()  # prefixes whose paths changed since learned_changes() last ran
         self.last_update_at = 0.0  # wall clock of the last UPDATE ExaBGP passed on (benchmarks: ExaBGP's share)
         self.cluster_id: str | None = None  # set when this node is a route reflector
+        self.reflect_accept: Accept = _accept_all  # what may be reflected: the daemon sets its import filter
         self.reflected: dict[str, dict[str, BGPPath]] = {}  # what ExaBGP was told to reflect, per peer
         self.announced: set[str] = set()  # what ExaBGP was told, on the current API connection
         self.wanted: set[str] = set()
@@ -386,7 +387,8 @@ class ExaBGP:
         """As a route reflector, tell ExaBGP what to re-advertise to each peer (only the difference)."""
         if self.cluster_id is None or self._writer is None:
             return
-        wanted = reflections(self.rib, [s.spec for s in self.peers.values()], self.cluster_id, self.router_id)
+        wanted = reflections(self.rib, [s.spec for s in self.peers.values()], self.cluster_id, self.router_id,
+                             self.reflect_accept)
         for peer in sorted(set(wanted) | set(self.reflected)):
             now, before = wanted.get(peer, {}), self.reflected.get(peer, {})
             for prefix in sorted(set(before) - set(now)):

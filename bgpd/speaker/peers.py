@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -298,16 +298,20 @@ def multipath(paths: Mapping[str, BGPPath]) -> tuple[str, ...]:
 
 
 def reflections(rib: Mapping[str, Mapping[str, BGPPath]], peers: Iterable[PeerSpec], cluster_id: str,
-                router_id: str) -> dict[str, dict[str, BGPPath]]:
+                router_id: str, accept: Callable[[str, str, BGPPath], bool] = lambda *_: True
+                ) -> dict[str, dict[str, BGPPath]]:
     """What a route reflector re-advertises to each iBGP peer (RFC 4456): a route from a client goes to every
     other peer, a route from a non-client to clients only; ORIGINATOR_ID is kept or set to the peer the route
-    came from, our cluster id is prepended to CLUSTER_LIST. Returns peer address -> prefix -> path to send."""
+    came from, our cluster id is prepended to CLUSTER_LIST. Only paths ``accept(peer, prefix, path)`` passes are
+    reflected (the import filter: what we refuse we do not hand to clients, which may not filter, as Calico's
+    BIRD exports pool routes only). Returns peer address -> prefix -> path to send."""
     ibgp = {p.address: p for p in peers if p.peer_as == p.local_as}
     by_prefix: dict[str, dict[str, BGPPath]] = {}
     for peer, table in rib.items():
         if peer in ibgp:
             for prefix, path in table.items():
-                by_prefix.setdefault(prefix, {})[peer] = path
+                if accept(peer, prefix, path):
+                    by_prefix.setdefault(prefix, {})[peer] = path
     out: dict[str, dict[str, BGPPath]] = {address: {} for address in ibgp}
     for prefix, paths in by_prefix.items():
         source, path = best_path(paths)

@@ -67,10 +67,21 @@ class BGPSync:
         self.speaker = speaker
         self.node = node
         self.interval = interval
-        self.pools: list[IPPool] = []
+        self._pools: list[IPPool] = []
         self.rejected: dict[tuple[str, str], str] = {}  # (peer, prefix) -> why, while the peer announces it
         self.rejected_total: dict[tuple[str, str], int] = {}  # (peer, reason) -> paths refused since start
         self._downs_seen: dict[str, int] = {}  # peer -> its session losses already looked at
+        self._filter = PoolFilter([])
+        speaker.reflect_accept = lambda peer, prefix, path: self._filter.reason(prefix, len(path.as_path)) is None
+
+    @property
+    def pools(self) -> list[IPPool]:
+        return self._pools
+
+    @pools.setter
+    def pools(self, pools: list[IPPool]) -> None:
+        self._pools = pools
+        self._filter = PoolFilter(pools)  # built once per change: it judges every path of every burst
 
     def learned(self) -> dict[str, tuple[str, ...]]:
         """Routes from peers (prefix -> next hops of the accepted paths), as the import filter lets them through
@@ -90,7 +101,7 @@ class BGPSync:
         return routes
 
     def _accept_into(self, verdicts: dict[tuple[str, str], str]) -> Accept:
-        accept = PoolFilter(self.pools)
+        accept = self._filter
 
         def judge(peer: str, prefix: str, path: BGPPath) -> bool:
             reason = accept.reason(prefix, len(path.as_path))

@@ -31,8 +31,10 @@ from bgpd.speaker.peers import (
     MORE_SPECIFIC,
     OUTSIDE_POOLS,
     WHOLE_POOL,
+    BGPPath,
     PeerSpec,
     PoolFilter,
+    reflections,
 )
 from bgpd.speaker.sync import BGPSync
 from calicoctl_py.commands.resources import UserError, normalise, read_documents
@@ -267,3 +269,15 @@ def test_refused_routes_are_counted_once_per_announcement_and_exposed_as_a_metri
     assert f'calico_py_bgp_routes_rejected_total{{peer="{rogue}",reason="outside-pools"}} 2.0' in text
     assert f'calico_py_bgp_routes_rejected_total{{peer="{rogue}",reason="malformed"}} 1.0' in text
     assert f'peer="{mesh}",reason' not in text
+
+
+def test_a_reflector_hands_its_clients_only_what_it_accepts(tmp_path: Path) -> None:
+    speaker = ExaBGP(tmp_path, "10.0.1.11", on_routes=lambda: None)
+    sync = BGPSync(store=None, speaker=speaker, node="node1")  # type: ignore[arg-type]
+    sync.pools = POOLS[:1]
+    rogue_client, client = (PeerSpec(a, 64512, 64512, "10.0.1.11", GLOBAL, a, rr_client=True)
+                            for a in ("10.0.1.66", "10.0.1.13"))
+    rib = {rogue_client.address: {"0.0.0.0/0": BGPPath("10.0.1.66"), "10.0.1.0/24": BGPPath("10.0.1.66"),
+                                  "10.244.1.0/26": BGPPath("10.0.1.66")}}
+    out = reflections(rib, [rogue_client, client], "224.0.0.1", "10.0.1.11", speaker.reflect_accept)
+    assert set(out[client.address]) == {"10.244.1.0/26"}

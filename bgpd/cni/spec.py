@@ -93,6 +93,35 @@ def parse_args(text: str) -> dict[str, str]:
     return result
 
 
+def _config_error(field_name: str, what: str, value: Any) -> CNIError:
+    shown = repr(value) if len(repr(value)) <= 60 else f"{repr(value)[:60]}..."
+    return CNIError(INVALID_NETWORK_CONFIG, f"network configuration field {field_name} must be {what}, not {shown}")
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """The fields of the network configuration the daemon reads have the shape it reads them in (a bad one is
+    the runtime's or the operator's mistake, answered with code 7, never an internal error)."""
+    ipam = config.get("ipam")
+    if ipam is not None and not isinstance(ipam, dict):
+        raise _config_error("ipam", "an object", ipam)
+    ipam = ipam or {}
+    if "type" in ipam and not isinstance(ipam["type"], str):
+        raise _config_error("ipam.type", "a plugin name", ipam["type"])
+    pools = ipam.get("ipv4_pools")
+    if pools is not None and (not isinstance(pools, list) or not all(isinstance(p, str) and p for p in pools)):
+        raise _config_error("ipam.ipv4_pools", "a list of pool names or CIDRs", pools)
+    for key in ("assign_ipv4", "assign_ipv6"):
+        if key in ipam and str(ipam[key]).lower() not in ("true", "false"):
+            raise _config_error(f"ipam.{key}", '"true" or "false"', ipam[key])
+    mtu = config.get("mtu")
+    if mtu is not None and (isinstance(mtu, bool) or not isinstance(mtu, int | str) or not str(mtu).isdecimal()
+                            or not (int(mtu) == 0 or 68 <= int(mtu) <= 65535)):
+        raise _config_error("mtu", "a whole number from 68 to 65535 (0: the node's default)", mtu)
+    attachments = config.get("cni.dev/valid-attachments")
+    if attachments is not None and not isinstance(attachments, list):
+        raise _config_error("cni.dev/valid-attachments", "a list of attachments", attachments)
+
+
 def parse_request(env: dict[str, str], stdin: bytes | str) -> Request:
     """Validate a request the way the spec orders it: command, config (version), then the environment."""
     command = env.get("CNI_COMMAND", "")
@@ -114,6 +143,7 @@ def parse_request(env: dict[str, str], stdin: bytes | str) -> Request:
                                                  f"(supported: {', '.join(SUPPORTED_VERSIONS)})")
         if not isinstance(config.get("name"), str) or not config["name"]:
             raise CNIError(INVALID_NETWORK_CONFIG, "network configuration has no name")
+        check_config(config)
     needs_container = command in ("ADD", "DEL", "CHECK")
     container_id = env.get("CNI_CONTAINERID", "")
     netns = env.get("CNI_NETNS", "")

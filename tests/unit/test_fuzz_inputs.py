@@ -65,9 +65,14 @@ def one_clean_line(exc: BaseException) -> None:
 env_keys = st.sampled_from(["CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH"])
 commands = st.sampled_from([*spec.COMMANDS, "", "add", "ADD ", "DEL\n"]) | st.text(max_size=8)
 versions = st.sampled_from([*spec.SUPPORTED_VERSIONS, "2.0.0", ""]) | json_values
-configs = st.fixed_dictionaries({}, optional={"cniVersion": versions, "name": st.text(max_size=10) | json_values,
-                                              "type": st.just("calico-py"), "ipam": json_values,
-                                              "mtu": json_values}) | json_values
+ipams = st.fixed_dictionaries({}, optional={
+    "type": st.just("calico-py-ipam") | json_values, "ipv4_pools": st.lists(st.text(max_size=8)) | json_values,
+    "assign_ipv4": st.sampled_from(["true", "false", "TRUE", True]) | json_values,
+    "assign_ipv6": st.sampled_from(["true", "false"]) | json_values})
+configs = st.fixed_dictionaries({}, optional={
+    "cniVersion": versions, "name": st.text(min_size=1, max_size=10) | json_values, "type": st.just("calico-py"),
+    "ipam": ipams | json_values, "mtu": st.integers(-1, 70000) | st.sampled_from(["1400", "²", "0"]) | json_values,
+    "cni.dev/valid-attachments": st.lists(json_values, max_size=2) | json_values}) | json_values
 stdins = (configs.map(lambda c: json.dumps(c).encode()) | st.binary(max_size=64) | st.text(max_size=64)
           | st.sampled_from([DEEP, DEEP.encode(), b"\xff\xfe", "{\"name\": \"\ud800\"}", ""]))
 
@@ -84,6 +89,11 @@ def test_cni_parse_request_accepts_or_says_what_is_wrong(env: dict[str, str], co
         json.dumps(exc.to_json())  # what the shim prints must serialise
         return
     assert request.command in spec.COMMANDS and isinstance(request.config, dict)
+    if request.command != "VERSION":  # what the handler then reads is in the shape it reads it in
+        ipam = request.config.get("ipam") or {}
+        assert isinstance(ipam, dict) and isinstance(ipam.get("ipv4_pools") or [], list)
+        int(request.config.get("mtu") or 0)
+        assert isinstance(request.config.get("cni.dev/valid-attachments") or [], list)
 
 
 @FUZZ

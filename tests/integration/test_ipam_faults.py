@@ -80,8 +80,8 @@ class LostResponseStore(Datastore):
         store = self
 
         class Stub:
-            async def Txn(self, request: object, timeout: float | None = None) -> object:
-                response = await real.Txn(request, timeout=timeout)
+            async def Txn(self, request: object, timeout: float | None = None, metadata: object = None) -> object:
+                response = await real.Txn(request, timeout=timeout, metadata=metadata)
                 if store.lose and request.compare:  # only our CAS writes, never reads
                     store.lose -= 1
                     raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),

@@ -37,6 +37,10 @@ log = logging.getLogger("ipam.datastore")
 DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
 # Transport-level failures worth trying another member for. Everything else is a real error.
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+# etcd's "require leader" flag: a member that knows no leader (an election, a restart, cut off from the others)
+# answers "no leader" (UNAVAILABLE) at once instead of holding the request until its deadline, so the client tries
+# another member, or the same one a moment later, without losing a whole request timeout.
+_REQUIRE_LEADER = (("hasleader", "true"),)
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.enable_retries", 0),  # retries are ours, with CAS semantics in mind
@@ -349,7 +353,8 @@ class Datastore:
                 with attempt:
                     index = self._current
                     try:
-                        response = await self._stub(index).Txn(request, timeout=self.config.request_timeout)
+                        response = await self._stub(index).Txn(request, timeout=self.config.request_timeout,
+                                                               metadata=_REQUIRE_LEADER)
                     except grpc.aio.AioRpcError as exc:
                         if exc.code() not in _TRANSIENT:
                             raise DatastoreError(f"etcd at {self.config.endpoints[index]} refused the request: "

@@ -38,19 +38,25 @@ def wait_ready(lab: Lab, nodes: list[str], timeout: float = 60.0) -> None:
             time.sleep(0.1)
 
 
-def wait_sessions(lab: Lab, nodes: list[str], timeout: float = 60.0) -> None:
-    """Until every node's BGP peers are Established (a node with no peers has nothing to wait for)."""
+def wait_sessions(lab: Lab, nodes: list[str], timeout: float = 60.0) -> list[str]:
+    """Until every node's BGP peers are Established (a node with no peers has nothing to wait for). Returns the
+    sessions that are not, one line each naming the node, the peer and the logs that say why."""
     deadline = time.monotonic() + timeout
+    down: list[str] = []
     for node in nodes:
         while True:
             out = netns.ns_exec(lab.netns(node), [str(CLI), "node", "status"]).stdout
             peers = [line for line in out.splitlines() if line[:1].isdigit()]
-            if all(line.rstrip().endswith("Established") for line in peers):
+            stuck = [line for line in peers if not line.rstrip().endswith("Established")]
+            if not stuck:
                 break
             if time.monotonic() > deadline:
-                print(f"warning: {node}'s BGP sessions are not all Established after {timeout:g}s")
+                logs = f"{lab.run_dir / node / 'exabgp.log'} and calico-py-node.log beside it"
+                down += [f"{node}: BGP session to {line.split()[0]} not Established after {timeout:g}s"
+                         f" ({' '.join(line.split()[3:])}); see {logs}" for line in stuck]
                 break
-            time.sleep(0.2)
+            time.sleep(0.2)  # polling node status, with the deadline above
+    return down
 
 
 def add_pod(lab: Lab, bin_dir: Path, node: str, index: int) -> tuple[str, str]:
@@ -85,7 +91,9 @@ def run(lab: Lab, pods_per_node: int = 2) -> int:
         bin_dir = Path(tmp)
         plugin = install(bin_dir)
         pods = [(node, *add_pod(lab, bin_dir, node, i)) for node in nodes for i in range(1, pods_per_node + 1)]
-    wait_sessions(lab, nodes)
+    down = wait_sessions(lab, nodes)
+    for line in down:
+        print(f"warning: {line}")
     print(f"\n{len(pods)} pods created through the CNI plugin, the {plugin}:")
     for node, pod_ns, address in pods:
         print(f"  {pod_ns:32} on {node:8} {address}")
@@ -104,4 +112,6 @@ def run(lab: Lab, pods_per_node: int = 2) -> int:
             cells.append(("-" if target == source else "ok" if ok else "FAIL").ljust(width))
         print(source.ljust(width) + "".join(cells))
     print(f"\n{'all pods reach each other' if not failures else f'{failures} pairs FAILED'}")
-    return 1 if failures else 0
+    if down:
+        print(f"{len(down)} BGP sessions are not Established (see the warnings above)")
+    return 1 if failures or down else 0

@@ -193,6 +193,18 @@ def test_crosssubnet_routes_through_the_plain_router(lab) -> None:
     assert handle.ping("node4", handle.address("node2", "eth1").ip)
 
 
+def bgp_story(run_dir: Path) -> str:
+    """Each node's BGP lines from its daemon and ExaBGP's reload lines: what a failed demo needs explained (the
+    lab's logs go with it)."""
+    story = []
+    for node_dir in sorted(p for p in run_dir.iterdir() if (p / "exabgp.log").exists()):
+        daemon = (node_dir / "calico-py-node.log").read_text(errors="replace").splitlines()
+        exabgp = (node_dir / "exabgp.log").read_text(errors="replace").splitlines()
+        story += [f"== {node_dir.name}", *[line for line in daemon if ".bgp " in line][-15:],
+                  *[f"exabgp: {line}" for line in exabgp if "reload" in line or "SIGUSR1" in line][-10:]]
+    return "\n".join(story)
+
+
 def test_demo_makes_pods_that_reach_each_other_and_destroy_takes_them(tmp_path: Path) -> None:
     topo = TOPOLOGIES / "mesh3.clab.yml"
     name = f"demo-t{os.getpid() % 100000}"
@@ -200,7 +212,7 @@ def test_demo_makes_pods_that_reach_each_other_and_destroy_takes_them(tmp_path: 
     try:
         demo = subprocess.run([*cli, "demo", "-t", str(topo), "--name", name], capture_output=True, text=True,
                               timeout=300, check=False)
-        assert demo.returncode == 0, demo.stdout + demo.stderr
+        assert demo.returncode == 0, demo.stdout + demo.stderr + bgp_story(tmp_path / "run" / name)
         assert "all pods reach each other" in demo.stdout
         assert demo.stdout.count("Established") == 6  # three nodes, two mesh peers each
         assert sum(ns.startswith(f"clab-{name}-pod-") for ns in netns.namespaces()) == 6

@@ -7,7 +7,9 @@ accepted (a borrowed pod address travels as a /32 more specific of another node'
 working); refused are prefixes outside every pool, a default route, a prefix between the block size and a host
 route (a /28 inside node2's /26: it could only take part of node2's block away), an AS path over 100 ASNs, and
 an UPDATE that cannot be parsed (ExaBGP resets that session). A /32 from a configured peer is accepted, as in
-Calico: who may peer is the protection against that (BGPPeer is admin-only, TCP-MD5).
+Calico: who may peer is the protection against that (BGPPeer is admin-only, TCP-MD5); that a borrowed address's
+/32 keeps working is tests/e2e/test_bgp.py::test_a_borrowed_address_is_announced_as_a_host_route. An external
+peer's LOCAL_PREF is ignored (RFC 4271 5.1.5): honoured, it let the rogue take node2's whole block.
 """
 
 from __future__ import annotations

@@ -291,3 +291,16 @@ def test_a_reflector_hands_its_clients_only_what_it_accepts(tmp_path: Path) -> N
                                   "10.244.1.0/26": BGPPath("10.0.1.66")}}
     out = reflections(rib, [rogue_client, client], "224.0.0.1", "10.0.1.11", speaker.reflect_accept)
     assert set(out[client.address]) == {"10.244.1.0/26"}
+
+
+def test_a_flood_of_refused_routes_logs_a_bounded_number_of_lines(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    speaker = ExaBGP(tmp_path, "10.0.0.11", on_routes=lambda: None)
+    speaker.set_peers([PeerSpec("10.0.0.66", 65066, 64512, "10.0.0.11", GLOBAL, "rogue")])
+    sync = BGPSync(store=None, speaker=speaker, node="node1")  # type: ignore[arg-type]
+    sync.pools = POOLS[:1]
+    speaker.rib["10.0.0.66"] = {f"192.0.{i // 256}.{i % 256}/32": BGPPath("10.0.0.66") for i in range(5000)}
+    with caplog.at_level("WARNING", logger="calico-py-node.bgp"):
+        assert sync.learned() == {}
+    assert sync.rejected_total == {("10.0.0.66", OUTSIDE_POOLS): 5000}
+    assert len(caplog.records) == 21 and "4980 more routes rejected" in caplog.records[-1].getMessage()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ipam.model import IPNetwork, IPPool
-from ipam.selector import parse_selector
+from ipam.selector import SelectorError, parse_selector
 
 DEFAULT_AS = 64512
 MESH = "node-to-node mesh"
@@ -49,6 +49,86 @@ class PeerSpec:
     password: str | None = field(default=None, repr=False)  # TCP-MD5 (RFC 2385), from a secret
 
 
+def _as_number(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 4294967295
+
+
+def _selector_problem(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return f"must be a selector string, got {value!r}"
+    try:
+        parse_selector(value)
+    except SelectorError as exc:
+        return str(exc)
+    return None
+
+
+def node_problem(obj: Any) -> str | None:
+    """Why a Node resource from the datastore cannot be used for peering (None: it can). The datastore is written
+    by calicoctl-py, which validates, but also by other tools: one bad resource must not stop every peering."""
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    spec = obj.get("spec", {}) if isinstance(obj, dict) else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not isinstance(spec, dict):
+        return "not a resource with metadata.name and a spec"
+    labels = meta.get("labels") or {}
+    if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        return "metadata.labels is not a mapping of strings"
+    bgp = spec.get("bgp") or {}
+    if not isinstance(bgp, dict):
+        return "spec.bgp is not a mapping"
+    address = bgp.get("ipv4Address")
+    if address is not None:
+        try:
+            ipaddress.IPv4Interface(address)
+        except (ValueError, TypeError):
+            return f"spec.bgp.ipv4Address {address!r} is not an IPv4 address with prefix length"
+    if bgp.get("asNumber") is not None and not _as_number(bgp["asNumber"]):
+        return f"spec.bgp.asNumber {bgp['asNumber']!r} is not an AS number"
+    cluster = bgp.get("routeReflectorClusterID")
+    if cluster is not None:
+        try:
+            ipaddress.IPv4Address(cluster)
+        except (ValueError, TypeError):
+            return f"spec.bgp.routeReflectorClusterID {cluster!r} is not an IPv4 address"
+    return None
+
+
+def peer_problem(resource: Any) -> str | None:
+    """Why a BGPPeer resource from the datastore cannot be used (None: it can); see :func:`node_problem`."""
+    meta = resource.get("metadata") if isinstance(resource, dict) else None
+    spec = resource.get("spec") if isinstance(resource, dict) else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not isinstance(spec, dict):
+        return "not a resource with metadata.name and a spec"
+    if spec.get("node") is not None and not isinstance(spec["node"], str):
+        return f"spec.node {spec['node']!r} is not a node name"
+    for key in ("nodeSelector", "peerSelector"):
+        if spec.get(key) and (problem := _selector_problem(spec[key])):
+            return f"spec.{key}: {problem}"
+    if spec.get("peerIP"):
+        address = spec["peerIP"]
+        host = address.rsplit(":", 1)[0] if isinstance(address, str) and address.count(":") == 1 else address
+        try:
+            ipaddress.ip_address(host)
+        except (ValueError, TypeError):
+            return f"spec.peerIP {address!r} is not an IP address"
+        if not _as_number(spec.get("asNumber")):
+            return f"spec.asNumber {spec.get('asNumber')!r} is not an AS number (required with peerIP)"
+    return None
+
+
+def config_problem(config: Any) -> str | None:
+    """Why the BGPConfiguration cannot be used (None: it can); peering then goes on with the defaults."""
+    spec = config.get("spec") if isinstance(config, dict) else None
+    if not isinstance(spec, dict):
+        return "not a resource with a spec"
+    if spec.get("asNumber") is not None and not _as_number(spec["asNumber"]):
+        return f"spec.asNumber {spec['asNumber']!r} is not an AS number"
+    restart = spec.get("nodeMeshMaxRestartTime")
+    if restart is not None and not isinstance(restart, str):
+        return f"spec.nodeMeshMaxRestartTime {restart!r} is not a duration such as 120s"
+    return None
+
+
 def node_as(node: NodeInfo, global_as: int) -> int:
     return node.as_number or global_as
 
@@ -58,6 +138,8 @@ MESH_PASSWORD = ""  # the key of the mesh password in ``passwords`` (BGPPeer nam
 
 def secret_ref(spec: Mapping[str, Any], field_name: str) -> tuple[str, str] | None:
     ref = ((spec.get(field_name) or {}).get("secretKeyRef") or {}) if isinstance(spec.get(field_name), dict) else {}
+    if not isinstance(ref, dict):
+        return None
     return (str(ref["name"]), str(ref["key"])) if ref.get("name") and ref.get("key") else None
 
 

@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,15 @@ from bgpd.speaker.peers import (
     NodeInfo,
     PoolFilter,
     announcements,
+    config_problem,
     desired_peers,
+    node_problem,
+    peer_problem,
     secret_ref,
 )
 from ipam import keys
 from ipam.datastore import Datastore
+from ipam.errors import InvalidResource
 from ipam.model import BlockAffinity, IPPool
 
 log = logging.getLogger("calico-py-node.bgp")
@@ -71,6 +76,7 @@ class BGPSync:
         self.rejected: dict[tuple[str, str], str] = {}  # (peer, prefix) -> why, while the peer announces it
         self.rejected_total: dict[tuple[str, str], int] = {}  # (peer, reason) -> paths refused since start
         self._downs_seen: dict[str, int] = {}  # peer -> its session losses already looked at
+        self._problems_logged: set[str] = set()  # unusable resources already warned about (sync runs every second)
         self._filter = PoolFilter([])
         speaker.reflect_accept = lambda peer, prefix, path: self._filter.reason(prefix, len(path.as_path)) is None
 
@@ -147,12 +153,25 @@ class BGPSync:
         weps_prefix = keys.resource_prefix("workloadendpoints")
         snapshot = await self.store.read(keys=[config_key], prefixes=[nodes_prefix, peers_prefix, pools_prefix,
                                                                       affinity_prefix, weps_prefix])
-        nodes = [NodeInfo.from_v3(kv.json()) for kv in snapshot.prefixes[nodes_prefix]]
+        problems: list[str] = []
+        nodes = [NodeInfo.from_v3(obj) for obj in self._usable(snapshot.prefixes[nodes_prefix], node_problem,
+                                                                problems)]
+        pools = []
+        for kv in snapshot.prefixes[pools_prefix]:
+            try:
+                pools.append(IPPool.from_v3(kv.json()))
+            except (InvalidResource, ValueError) as exc:
+                problems.append(f"{kv.key}: {exc}")
+        config_kv = snapshot.keys[config_key]
+        configs = self._usable([config_kv] if config_kv else [], config_problem, problems)
+        config: dict[str, Any] | None = configs[0] if configs else None
+        bgp_peers = self._usable(snapshot.prefixes[peers_prefix], peer_problem, problems)
+        for problem in sorted(set(problems) - self._problems_logged):
+            log.warning("bgp: resource %s; ignored until it is fixed", problem)
+        self._problems_logged = set(problems)
         me = next((n for n in nodes if n.name == self.node), None)
         if me is None:
             return
-        config: dict[str, Any] | None = snapshot.keys[config_key].json() if snapshot.keys[config_key] else None
-        pools = [IPPool.from_v3(kv.json()) for kv in snapshot.prefixes[pools_prefix]]
         if pools != self.pools:
             self.pools = pools
             self.speaker.touch_all()  # routes filtered out by the old pools may be accepted now, and the reverse
@@ -166,7 +185,6 @@ class BGPSync:
         self.speaker.set_graceful_restart(restart_seconds((config or {}).get("spec", {}).get("nodeMeshMaxRestartTime")))
         self.speaker.expire_stale()
         self.note_malformed()
-        bgp_peers = [kv.json() for kv in snapshot.prefixes[peers_prefix]]
         passwords: dict[str, str] = {}
         references = [((p.get("metadata") or {}).get("name", ""), secret_ref(p.get("spec") or {}, "password"))
                       for p in bgp_peers]
@@ -185,6 +203,23 @@ class BGPSync:
                  for n in spec.get("ipNetworks") or []]
         await self.speaker.set_announcements(announcements(blocks, self.pools, local))
         await self.speaker.reflect()
+
+    @staticmethod
+    def _usable(kvs: list[Any], problem: Callable[[Any], str | None], problems: list[str]) -> list[Any]:
+        """The resources ``problem`` finds nothing wrong with; what is wrong with the others goes to ``problems``:
+        one resource another tool wrote wrong must not stop the peering the others describe."""
+        usable = []
+        for kv in kvs:
+            try:
+                obj = kv.json()
+            except ValueError:
+                problems.append(f"{kv.key}: not JSON")
+                continue
+            if (reason := problem(obj)) is None:
+                usable.append(obj)
+            else:
+                problems.append(f"{kv.key}: {reason}")
+        return usable
 
     def wake(self) -> None:
         """Sync now (a new block to announce) instead of at the next poll."""

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from ipam import keys
 from tests.e2e.test_bgp import apply_resources, place_pods, sessions
 from tests.e2e.test_cni import Pods, daemon_log, pod_ping
 from tests.e2e.test_health import get, sample
@@ -42,10 +43,20 @@ RAW_MARKER = "10.244.233.0/24"  # what it announces right after a hijack attempt
 RAW_MARKER2 = "10.244.234.0/24"  # the same after an UPDATE with a broken attribute
 
 
+# A BGPPeer another tool wrote straight to etcd, which calicoctl-py would have refused: the nodes must ignore it
+# (with a warning) and still peer as the valid resources say.
+BROKEN_PEER = {"apiVersion": "projectcalico.org/v3", "kind": "BGPPeer", "metadata": {"name": "broken"},
+               "spec": {"peerIP": "10.0.7.99", "asNumber": "sixty-five thousand"}}
+
+
 @pytest.fixture
 def rogue(lab: Callable[..., LabHandle]) -> LabHandle:
     handle = lab(DATA / "rogue.clab.yml")
-    apply_resources(handle, str(handle.topology.mgmt_addresses()["etcd"].ip), DATA / "rogue-bgp.yaml")
+    etcd = str(handle.topology.mgmt_addresses()["etcd"].ip)
+    put = handle.exec("node1", "etcdctl", f"--endpoints=http://{etcd}:2379", "put",
+                      f"{keys.resource_prefix('bgppeers')}broken", json.dumps(BROKEN_PEER))
+    assert put.returncode == 0, put.stderr
+    apply_resources(handle, etcd, DATA / "rogue-bgp.yaml")
     return handle
 
 
@@ -186,6 +197,10 @@ def test_a_rogue_peer_gets_nothing_outside_the_pools_into_any_kernel(
     node1_log = daemon_log(rogue, "node1")
     assert f"bgp route {RAW_LONG_PATH} from peer {RAW} rejected (as-path-too-long): AS path of 1000 ASNs" in node1_log
     assert f"bgp peer {RAW} sent a malformed UPDATE: session reset" in node1_log
+    for node in NODES:  # the broken BGPPeer: said once, ignored, and nothing tried to peer with it
+        log = daemon_log(rogue, node)
+        assert log.count("bgp: resource /calico/resources/v3/projectcalico.org/bgppeers/broken: spec.asNumber") == 1
+        assert "10.0.7.99" not in sessions(rogue, node) and "bgp sync failed" not in log
     # The sessions that only sent refused routes stayed up throughout: never down, Established now.
     for node in NODES:
         assert f"bgp peer {ROGUE} down" not in daemon_log(rogue, node), f"{node}'s session to the rogue reset"

@@ -32,11 +32,17 @@ from bgpd.speaker.peers import (
     OUTSIDE_POOLS,
     WHOLE_POOL,
     BGPPath,
+    NodeInfo,
     PeerSpec,
     PoolFilter,
+    config_problem,
+    desired_peers,
+    node_problem,
+    peer_problem,
     reflections,
+    secret_ref,
 )
-from bgpd.speaker.sync import BGPSync
+from bgpd.speaker.sync import BGPSync, restart_seconds
 from calicoctl_py.commands.resources import UserError, normalise, read_documents
 from ipam.errors import InvalidResource
 from ipam.model import IPPool
@@ -304,3 +310,46 @@ def test_a_flood_of_refused_routes_logs_a_bounded_number_of_lines(tmp_path: Path
         assert sync.learned() == {}
     assert sync.rejected_total == {("10.0.0.66", OUTSIDE_POOLS): 5000}
     assert len(caplog.records) == 21 and "4980 more routes rejected" in caplog.records[-1].getMessage()
+
+
+# ------------------------------------------------------------------ BGP: resources read from the datastore
+
+ME = NodeInfo("n1", ipaddress.IPv4Interface("10.0.0.11/24"), None, {"rack": "a"}, "224.0.0.1")
+peer_specs = st.fixed_dictionaries({}, optional={
+    "peerIP": st.sampled_from(["10.0.0.9", "10.0.0.9:1179", "fd00::1", "x:y", "[::1]:5"]) | json_values,
+    "asNumber": st.integers(-1, 2**33) | json_values, "node": st.sampled_from(["n1", "n2"]) | json_values,
+    "nodeSelector": st.sampled_from(["all()", "has(x", "rack == 'a'"]) | json_values,
+    "peerSelector": st.sampled_from(["all()", "has(x"]) | json_values,
+    "password": st.just({"secretKeyRef": {"name": "s", "key": "k"}}) | st.just({"secretKeyRef": "x"}) | json_values})
+bgp_peers = st.fixed_dictionaries({"metadata": st.fixed_dictionaries({"name": st.text(max_size=5)}) | json_values,
+                                   "spec": peer_specs | json_values}) | json_values
+nodes = st.fixed_dictionaries({"metadata": st.fixed_dictionaries(
+    {"name": st.sampled_from(["n2", "n3"])}, optional={"labels": st.just({"rack": "a"}) | json_values}) | json_values,
+    "spec": st.fixed_dictionaries({}, optional={"bgp": st.fixed_dictionaries({}, optional={
+        "ipv4Address": st.sampled_from(["10.0.0.12/24", "10.0.0.12", "x"]) | json_values,
+        "asNumber": st.integers(-1, 2**33) | json_values,
+        "routeReflectorClusterID": st.sampled_from(["224.0.0.2", "x"]) | json_values}) | json_values}) | json_values})
+bgp_configs = st.fixed_dictionaries({"spec": st.fixed_dictionaries({}, optional={
+    "asNumber": st.integers(-1, 2**33) | json_values, "nodeToNodeMeshEnabled": json_values,
+    "nodeMeshMaxRestartTime": st.sampled_from(["120s", "0s"]) | json_values,
+    "nodeMeshPassword": json_values}) | json_values}) | json_values
+
+
+@FUZZ
+@given(st.lists(nodes, max_size=3), st.lists(bgp_peers, max_size=3), bgp_configs)
+def test_peering_uses_every_usable_resource_and_never_trips_on_the_others(node_objs: list[Any], peer_objs: list[Any],
+                                                                         config: Any) -> None:
+    """What a tool other than calicoctl-py wrote to etcd: resources the problem checks pass never make the peer
+    computation raise (one bad BGPPeer used to stop every node's BGP sync)."""
+    others = [NodeInfo.from_v3(n) for n in node_objs if node_problem(n) is None]
+    peers = [p for p in peer_objs if peer_problem(p) is None]
+    usable_config = config if config_problem(config) is None else None
+    desired = desired_peers(ME, [ME, *others], usable_config, peers)
+    assert all(ipaddress.ip_address(p.address) and 1 <= p.peer_as <= 4294967295 for p in desired)
+    for peer in peers:
+        secret_ref(peer.get("spec") or {}, "password")
+    restart_seconds(((usable_config or {}).get("spec") or {}).get("nodeMeshMaxRestartTime"))
+    for problem in (node_problem, peer_problem, config_problem):
+        for obj in (*node_objs, *peer_objs, config):
+            reason = problem(obj)
+            assert reason is None or (reason.strip() and "\n" not in reason)

@@ -1,9 +1,9 @@
 """etcd faults in a mesh3 lab whose datastore is a three-member cluster (data/etcd3.clab.yml).
 
-One member killed: pods keep forwarding, a CNI ADD still succeeds (the client fails over to another member), the
-daemons stay ready. All members stopped: pods keep forwarding, a CNI ADD fails with one clear line and leaves
-nothing behind, the daemons stay up; started again on the same data: the daemons reconnect on their own, a new ADD
-works, a route deleted meanwhile is repaired, readiness returns, and IPAM has lost and duplicated nothing.
+One member killed, or frozen: pods keep forwarding, a CNI ADD still succeeds (the client fails over to another
+member), the daemons stay ready. All members stopped: pods keep forwarding, a CNI ADD fails with one clear line and
+leaves nothing behind, the daemons stay up; started again on the same data: the daemons reconnect on their own, a
+new ADD works, a route deleted meanwhile is repaired, readiness returns, and IPAM has lost and duplicated nothing.
 
 Every node runs one pod pinged continuously from a pod on another node (``Pinger``); the datastore is read from
 inside node1 (etcd answers on the lab's management network only), through every member's endpoint.
@@ -269,39 +269,55 @@ def etcd3(lab: Callable[..., LabHandle]) -> LabHandle:
     return handle
 
 
-def test_one_member_killed(etcd3: LabHandle, pods: Pods, tmp_path: Path, fault_report: FaultRecord) -> None:
-    fault_report.fault, fault_report.runs = "etcd: one of three members killed", 1
-    placed = place(etcd3, pods, tmp_path, "k")
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_one_member_lost(etcd3: LabHandle, pods: Pods, tmp_path: Path, fault_report: FaultRecord, how: str) -> None:
+    """Killed (SIGKILL: connections refused at once) or frozen (SIGSTOP: its sockets still accept, nothing
+    answers, so requests to it must time out and fail over rather than wait for it)."""
+    fault_report.fault = {"killed": "etcd: one of three members killed",
+                          "frozen": "etcd: one of three members frozen (SIGSTOP)"}[how]
+    fault_report.runs = 1
+    tag = how[0]
+    placed = place(etcd3, pods, tmp_path, tag)
     running = daemons(etcd3)
     before = allocations(etcd3)
     # The worst single member to lose: the leader (an election follows) that is also the first endpoint of every
     # node's ETCD_ENDPOINTS (every daemon's requests go there until it fails).
     victim = MEMBERS[0]
     make_leader(etcd3, victim)
-    ns = pods.new("k-after")
+    frozen = member(etcd3, victim)
+    ns = pods.new(f"{tag}-after")
     with pinging(placed) as pingers:
-        killed_at = time.monotonic()
-        kill_member(etcd3, victim)
-        added = runtime(etcd3, tmp_path).add("k-after", ns, pod="k-after")
-        fault_report.recovery_seconds.append(time.monotonic() - killed_at)
-        assert added.rc == 0, f"CNI ADD with one member of three down:\n{added}"
-        address = added.json["ips"][0]["address"].split("/")[0]
-        # The new pod is reachable across nodes, and every daemon still reads the datastore (readiness does).
-        assert pod_ping(placed.namespaces["node2"], address, timeout=30), "pod added after the kill is unreachable"
-        for node in NODES:
-            wait_showing_log(etcd3, node, lambda node=node: ready(etcd3, node), RECOVER_SECONDS, f"{node} to be ready")
-        assert_same_daemons(etcd3, running)
-        new_leader = leader(etcd3)
-        start_members(etcd3, (victim,))  # and it rejoins on its data
-        etcd3.wait_for(lambda: cluster_health(etcd3), RECOVER_SECONDS, f"{victim} to rejoin the cluster")
+        lost_at = time.monotonic()
+        if how == "killed":
+            kill_member(etcd3, victim)
+        else:
+            os.kill(frozen.pid, signal.SIGSTOP)
+        try:
+            added = runtime(etcd3, tmp_path).add(f"{tag}-after", ns, pod=f"{tag}-after")
+            fault_report.recovery_seconds.append(time.monotonic() - lost_at)
+            assert added.rc == 0, f"CNI ADD with one member of three {how}:\n{added}"
+            address = added.json["ips"][0]["address"].split("/")[0]
+            # The new pod is reachable across nodes, and every daemon still reads the datastore (readiness does).
+            assert pod_ping(placed.namespaces["node2"], address, timeout=30), "pod added meanwhile is unreachable"
+            for node in NODES:
+                wait_showing_log(etcd3, node, lambda node=node: ready(etcd3, node), RECOVER_SECONDS,
+                                 f"{node} to be ready")
+            assert_same_daemons(etcd3, running)
+            new_leader = leader(etcd3)
+        finally:
+            if how == "frozen":
+                os.kill(frozen.pid, signal.SIGCONT)
+        if how == "killed":
+            start_members(etcd3, (victim,))  # and it rejoins on its data
+        etcd3.wait_for(lambda: cluster_health(etcd3), RECOVER_SECONDS, f"{victim} to be back in the cluster")
     count_packets(fault_report, pingers)
-    fault_report.notes = (f"killed {victim}, the leader and first in ETCD_ENDPOINTS; {new_leader} took over; "
-                          "recovery = kill to first ADD done")
+    fault_report.notes = (f"{how} {victim}, the leader and first in ETCD_ENDPOINTS; {new_leader} took over; "
+                          f"recovery = fault to first ADD done")
 
     after = allocations(etcd3)
     fault_report.allocations_lost = after.lost_from(before)
     fault_report.allocations_duplicated = after.duplicated()
-    assert "k8s-pod-network.k-after" in after.held, after.held
+    assert f"k8s-pod-network.{tag}-after" in after.held, after.held
     assert fault_report.packets_lost == 0, [p.summary() for p in pingers]
     assert (fault_report.allocations_lost, fault_report.allocations_duplicated) == (0, 0), (before, after)
     assert after.problems == []

@@ -189,6 +189,9 @@ class ExaBGP:
             config = self._write_config()
             env = {**os.environ, "exabgp_daemon_user": "root", "exabgp_daemon_daemonize": "false",
                    "exabgp_api_ack": "false", "exabgp_api_cli": "false", "exabgp_log_destination": "stdout",
+                   # Reloads are confirmed from ExaBGP's signal and reload lines (see reload_outcome).
+                   "exabgp_log_enable": "true", "exabgp_log_level": "INFO", "exabgp_log_reactor": "true",
+                   "exabgp_log_configuration": "true",
                    # Unicast NLRI as plain strings, not {"nlri": ...} objects: less to encode and to parse.
                    "exabgp_api_compact": "true",
                    "exabgp_tcp_bind": self.router_id, "exabgp_tcp_port": "179"}

@@ -5,8 +5,14 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
 import socket
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from bgpd.desired import RouteSpec, remote_routes
 from bgpd.speaker.exabgp import ExaBGP, reload_outcome
@@ -319,3 +325,67 @@ def test_end_of_rib_goes_to_a_peer_after_our_routes(tmp_path: Path) -> None:
     assert lines == ["announce route 10.244.1.0/26 next-hop self",  # the new API connection: everything, to all
                      "neighbor 10.0.0.12 announce route 10.244.1.0/26 next-hop self",  # the peer that came up
                      "neighbor 10.0.0.12 announce eor ipv4 unicast"]
+
+
+# A stand-in for ExaBGP where only its reload handshake matters: it connects to the daemon's API socket as the relay
+# would, and on SIGUSR1 logs what ExaBGP 5.0.15 logs, performing the reload or (DEAF) dropping it as ExaBGP does
+# while a down peer has routes queued. The real ExaBGP cannot be made to drop reloads at will outside a lab.
+STAND_IN = '''
+import os, signal, socket, sys, time
+api = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+api.connect("\\0" + os.environ["STAND_IN_API"])
+def reload(signum, frame):
+    print("reactor         SIGUSR1 received", flush=True)
+    if not os.environ.get("STAND_IN_DEAF"):
+        print("configuration   performing reload of exabgp 5.0.15", flush=True)
+        print("reactor         loaded new configuration successfully", flush=True)
+signal.signal(signal.SIGUSR1, reload)
+while True:
+    time.sleep(1)
+'''
+
+
+def test_supervisor_resends_a_dropped_reload_then_restarts_exabgp(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import bgpd.speaker.exabgp as module
+    api = f"calico-py-test-{os.getpid()}-{tmp_path.name}"  # not the node daemon's socket name: no clash
+    monkeypatch.setattr(module, "API_SOCKET", "\0" + api)
+    monkeypatch.setattr(module, "RELOAD_CONFIRM_TIMEOUT", 0.5)
+    monkeypatch.setenv("STAND_IN_API", api)
+    stand_in = tmp_path / "exabgp"
+    stand_in.write_text(f"#!{sys.executable}\n{STAND_IN}")
+    stand_in.chmod(0o755)
+    mesh = desired_peers(NODES[0], NODES, None, [])
+
+    async def until(condition: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 20
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.05)  # polling the supervisor's counters, with a deadline
+
+    async def scenario(deaf: bool) -> ExaBGP:
+        if deaf:
+            monkeypatch.setenv("STAND_IN_DEAF", "1")
+        speaker = ExaBGP(tmp_path / ("deaf" if deaf else "hearing"), "10.0.0.11", on_routes=lambda: None,
+                         exabgp=str(stand_in))
+        await speaker.start()
+        try:
+            speaker.set_peers(mesh[:1])
+            await until(speaker._api_ready.is_set, "the stand-in to connect")
+            first = speaker._process
+            speaker.set_peers(mesh)  # a peer more: a reload
+            if deaf:
+                await until(lambda: speaker.restarts == 1, "ExaBGP restarted after unanswered reloads")
+                assert speaker._process is not first and speaker.reloads_unanswered == module.RELOAD_ATTEMPTS
+                # The new one starts from the file, which has every peer.
+                assert (speaker.state_dir / "exabgp.conf").read_text().count("neighbor ") == len(mesh)
+            else:
+                await until(lambda: speaker.reloads == 1 and "loaded new" in
+                            (speaker.state_dir / "exabgp.log").read_text(), "the reload")
+                assert speaker.restarts == 0 and speaker.reloads_unanswered == 0 and speaker._process is first
+        finally:
+            await speaker.stop()
+        return speaker
+
+    asyncio.run(scenario(deaf=False))
+    asyncio.run(scenario(deaf=True))

@@ -30,7 +30,7 @@ from bgpd.speaker.peers import (
 )
 from ipam import keys
 from ipam.datastore import Datastore
-from ipam.errors import InvalidResource
+from ipam.errors import DatastoreUnavailable, InvalidResource
 from ipam.model import BlockAffinity, IPPool
 
 log = logging.getLogger("calico-py-node.bgp")
@@ -229,6 +229,8 @@ class BGPSync:
         while True:
             try:
                 await self.sync_once()
+            except DatastoreUnavailable as exc:  # an outage: sessions and announcements stay as they are
+                log.warning("bgp sync postponed, peers and announcements kept: %s", exc)
             except Exception:
                 log.exception("bgp sync failed")
             with contextlib.suppress(TimeoutError):

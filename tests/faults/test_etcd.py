@@ -202,10 +202,14 @@ def wait_showing_log(handle: LabHandle, node: str, predicate: Callable[[], bool]
 
 
 def assert_same_daemons(handle: LabHandle, before: dict[str, Process]) -> None:
-    """The daemons that ran before the fault still run: none exited, none was restarted."""
+    """The daemons that ran before the fault still run: none exited, none was restarted, and none logged a
+    traceback (an outage is an expected condition: one warning line, not a crash report)."""
     for node, process in before.items():
-        assert process.alive(), f"calico-py-node on {node} exited:\n{daemon_log(handle, node)[-3000:]}"
+        log = daemon_log(handle, node)
+        assert process.alive(), f"calico-py-node on {node} exited:\n{log[-3000:]}"
         assert daemon_process(handle, node).pid == process.pid, f"calico-py-node on {node} was restarted"
+        crash = log.find("Traceback")
+        assert crash < 0, f"calico-py-node on {node} logged a traceback:\n{log[crash:crash + 3000]}"
 
 
 # ---------------------------------------------------------------------------------------------- pods and pings

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,17 +88,23 @@ class Pinger:
         self._process: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> Pinger:
-        self._process = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # A file, not a pipe: nobody reads a pipe until the end, and ping blocks once 64 KiB (~1000 replies) of it
+        # are unread, silently ending the measurement.
+        self._log = tempfile.TemporaryFile("w+")
+        self._process = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, text=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
         assert self._process is not None
         self._process.send_signal(signal.SIGINT)
         try:
-            self.output = self._process.communicate(timeout=10)[0]
+            self._process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self._process.kill()
-            self.output = self._process.communicate()[0]
+            self._process.wait()
+        self._log.seek(0)
+        self.output = self._log.read()
+        self._log.close()
         counts = re.search(r"(\d+) packets transmitted, (\d+) received", self.output)
         if counts:
             self.sent, received = map(int, counts.groups())

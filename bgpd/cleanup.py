@@ -5,7 +5,7 @@ was made, before IPAM committed the address and its endpoint in one transaction)
 sandbox never sends its DEL, so its endpoint and address stay. Two sweeps take these back:
 
 - at start-up, before the CNI socket opens (so no ADD of ours is in flight), every ``cali*`` interface that no
-  WorkloadEndpoint of this node names is deleted (its routes go with it);
+  WorkloadEndpoint names is deleted (its routes go with it);
 - CNI GC (the runtime's list of valid attachments) releases every address this network holds on this node for
   an attachment not in the list, endpoint or not.
 
@@ -21,7 +21,7 @@ from typing import Protocol, TypeVar
 from pyroute2 import IPRoute
 
 from bgpd.dataplane import workloads
-from bgpd.resources import WorkloadEndpoint, list_node_weps
+from bgpd.resources import WorkloadEndpoint, list_weps
 from ipam.allocator import IPAM
 from ipam.check import load_state
 from ipam.datastore import Datastore
@@ -37,9 +37,18 @@ class NetlinkRunner(Protocol):
 
 
 def orphan_interfaces(interfaces: Iterable[str], endpoints: Iterable[WorkloadEndpoint]) -> list[str]:
-    """The workload interfaces (``cali*``) of the node that no endpoint of the node names, sorted."""
+    """The workload interfaces (``cali*``) that no endpoint names, sorted. ``endpoints`` are every node's: an
+    interface named by another node's endpoint is kept, because a renamed node (a changed NODENAME) would
+    otherwise find none of its endpoints and cut every running pod off."""
     named = {e.interface for e in endpoints}
     return sorted(i for i in set(interfaces) if i.startswith(workloads.IFACE_PREFIX) and i not in named)
+
+
+def named_by_other_nodes(interfaces: Iterable[str], endpoints: Iterable[WorkloadEndpoint], node: str) -> list[str]:
+    """The workload interfaces here that only other nodes' endpoints name, sorted: kept, but worth a warning."""
+    mine = {e.interface for e in endpoints if e.node == node}
+    others = {e.interface for e in endpoints if e.node != node}
+    return sorted(i for i in set(interfaces) if i in others and i not in mine)
 
 
 def unattached_handles(network: str, valid_handles: Iterable[str], handle_nodes: Mapping[str, Iterable[str]],
@@ -56,8 +65,12 @@ def unattached_handles(network: str, valid_handles: Iterable[str], handle_nodes:
 async def sweep_orphan_interfaces(store: Datastore, netlink: NetlinkRunner, node: str) -> list[str]:
     """Delete the node's ``cali*`` interfaces without an endpoint. Only safe while no ADD is in flight here: an
     ADD makes its veth before its endpoint exists."""
-    endpoints = await list_node_weps(store, node)
+    endpoints = await list_weps(store)
     present = await netlink.run(lambda ipr: workloads.host_interfaces())
+    elsewhere = named_by_other_nodes(present, endpoints, node)
+    if elsewhere:
+        log.warning("kept %s: endpoints of other nodes name them, none of node %s does (was NODENAME changed?)",
+                    ",".join(elsewhere), node)
     removed = []
     for name in orphan_interfaces(present, endpoints):
         if await netlink.run(lambda ipr, name=name: workloads.remove(ipr, name)):

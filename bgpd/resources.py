@@ -91,10 +91,13 @@ def wep_key(namespace: str, name: str) -> str:
     return f"{keys.resource_prefix('workloadendpoints')}{namespace}/{name}"
 
 
-async def list_node_weps(store: Datastore, node: str) -> list[WorkloadEndpoint]:
-    weps = [WorkloadEndpoint.from_v3(kv.json()) for kv in await store.get_prefix(keys.resource_prefix(
+async def list_weps(store: Datastore) -> list[WorkloadEndpoint]:
+    return [WorkloadEndpoint.from_v3(kv.json()) for kv in await store.get_prefix(keys.resource_prefix(
         "workloadendpoints"))]
-    return [w for w in weps if w.node == node]
+
+
+async def list_node_weps(store: Datastore, node: str) -> list[WorkloadEndpoint]:
+    return [w for w in await list_weps(store) if w.node == node]
 
 
 async def save_wep(store: Datastore, wep: WorkloadEndpoint) -> None:

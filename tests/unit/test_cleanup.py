@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bgpd.cleanup import orphan_interfaces, unattached_handles
+from bgpd.cleanup import named_by_other_nodes, orphan_interfaces, unattached_handles
 from bgpd.resources import WorkloadEndpoint
 
 
@@ -25,6 +25,15 @@ def test_every_named_interface_is_kept_and_the_rest_come_sorted() -> None:
     present = ["cali3", "cali1", "cali2", "cali1"]
     assert orphan_interfaces(present, [endpoint("cali2")]) == ["cali1", "cali3"]
     assert orphan_interfaces(present, [endpoint(i) for i in ("cali1", "cali2", "cali3")]) == []
+
+
+def test_an_interface_another_nodes_endpoint_names_is_kept_and_reported() -> None:
+    # A renamed node finds none of its own endpoints: its pods' veths must survive the sweep.
+    endpoints = [endpoint("cali1", node="old-name"), endpoint("cali2", node="old-name"), endpoint("cali3")]
+    present = ["cali1", "cali2", "cali3", "cali4"]
+    assert orphan_interfaces(present, endpoints) == ["cali4"]
+    assert named_by_other_nodes(present, endpoints, "node1") == ["cali1", "cali2"]
+    assert named_by_other_nodes(present, endpoints, "old-name") == ["cali3"]
 
 
 NET = "k8s-pod-network"

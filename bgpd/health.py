@@ -115,6 +115,14 @@ class DaemonCollector(Collector):
                                   value=float(exabgp.get("restarts", 0)))
         yield CounterMetricFamily("calico_py_exabgp_reloads", "ExaBGP configuration reloads",
                                   value=float(exabgp.get("reloads", 0)))
+        yield CounterMetricFamily("calico_py_exabgp_reloads_unanswered", "Reload signals ExaBGP dropped, each sent "
+                                  "again (after 3 in a row ExaBGP is restarted)",
+                                  value=float(exabgp.get("reloads_unanswered", 0)))
+        malformed = CounterMetricFamily("calico_py_bgp_routes_malformed", "Routes from the peer withdrawn because "
+                                        "their path attributes were malformed (RFC 7606)", labels=["peer"])
+        for peer, count in sorted((exabgp.get("malformed") or {}).items()):
+            malformed.add_metric([peer], float(count))
+        yield malformed
 
 
 class Metrics:

@@ -515,7 +515,7 @@ class ExaBGP:
                 continue
             path = _path(next_hop, attributes)
             spec = self.peers[peer].spec
-            if spec.peer_as != spec.local_as and path.local_pref != 100:
+            if path is not None and spec.peer_as != spec.local_as and path.local_pref != 100:
                 # RFC 4271 5.1.5: LOCAL_PREF from an external peer is ignored; honoured, a rogue peer could outrank
                 # a node's own block with it (tests/faults/test_rogue_peer.py).
                 path = dataclasses.replace(path, local_pref=100)

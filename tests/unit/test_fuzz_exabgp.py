@@ -27,7 +27,9 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 def speaker() -> ExaBGP:
     made = ExaBGP(Path("/nonexistent"), ROUTER_ID, on_routes=lambda: None)  # _handle never touches the disk
-    made.set_peers([PeerSpec(address, 64512, 64512, ROUTER_ID, GLOBAL, f"peer-{address}") for address in PEERS])
+    # One internal peer and one external: an external peer's LOCAL_PREF takes another code path (it is ignored).
+    made.set_peers([PeerSpec(address, 64512, peer_as, ROUTER_ID, GLOBAL, f"peer-{address}")
+                    for address, peer_as in zip(PEERS, (64512, 64999), strict=True)])
     return made
 
 

@@ -279,9 +279,14 @@ def test_refused_routes_are_counted_once_per_announcement_and_exposed_as_a_metri
     sync.note_malformed()  # the same reset seen twice counts once
     assert sync.rejected_total[(rogue, MALFORMED)] == 1
 
+    update(rogue, ["10.244.9.64/26"], med=-1)  # a malformed attribute: the route is treated as withdrawn
+    assert "10.244.9.64/26" not in sync.learned()
+
     snapshot = {"peers": sync.status(), "reconcile": {"runs": 0, "fast_runs": 0, "errors": 0, "last_seconds": 0.0},
-                "workloads": 0, "datastore": {"failovers": 0}}
+                "workloads": 0, "datastore": {"failovers": 0},
+                "exabgp": {"malformed": dict(speaker.malformed), "reloads_unanswered": 0}}
     text = Metrics(lambda: snapshot).text().decode()
+    assert f'calico_py_bgp_routes_malformed_total{{peer="{rogue}"}} 1.0' in text
     assert f'calico_py_bgp_routes_rejected_total{{peer="{rogue}",reason="outside-pools"}} 2.0' in text
     assert f'calico_py_bgp_routes_rejected_total{{peer="{rogue}",reason="malformed"}} 1.0' in text
     assert f'peer="{mesh}",reason' not in text

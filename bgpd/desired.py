@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface  # a node address with its subnet
 
 
 @dataclass(frozen=True, order=True)
@@ -47,18 +48,19 @@ def host_route(address: IPAddress, interface: str) -> RouteSpec:
 
 
 @functools.lru_cache(maxsize=1024)
-def _device_for(gateway: str, connected: tuple[tuple[str, ipaddress.IPv4Interface], ...]) -> str | None:
+def _device_for(gateway: str, connected: tuple[tuple[str, IPInterface], ...]) -> str | None:
     address = ipaddress.ip_address(gateway)
-    return next((name for name, interface in connected if address in interface.network), None)
+    return next((name for name, interface in connected
+                 if interface.version == address.version and address in interface.network), None)
 
 
-def device_for(gateway: str, connected: Iterable[tuple[str, ipaddress.IPv4Interface]]) -> str | None:
-    """The interface whose subnet holds ``gateway`` (BGP next hops are on a shared segment), or None. Cached:
-    a burst of routes has a handful of next hops."""
+def device_for(gateway: str, connected: Iterable[tuple[str, IPInterface]]) -> str | None:
+    """The interface whose subnet holds ``gateway`` (BGP next hops are on a shared segment; an IPv6 next hop is
+    looked for among the IPv6 subnets only), or None. Cached: a burst of routes has a handful of next hops."""
     return _device_for(gateway, tuple(connected))
 
 
-def remote_route(prefix: str, next_hops: Sequence[str], connected: Iterable[tuple[str, ipaddress.IPv4Interface]],
+def remote_route(prefix: str, next_hops: Sequence[str], connected: Iterable[tuple[str, IPInterface]],
                  own: set[str]) -> RouteSpec | None:
     """The kernel route for a prefix learned over BGP: via its next hops (several: ECMP) on the interfaces that
     reach them; None for one of our own blocks (ours are blackholed here) or when no next hop is reachable
@@ -78,7 +80,7 @@ def remote_route(prefix: str, next_hops: Sequence[str], connected: Iterable[tupl
     return RouteSpec(dst=prefix, nexthops=tuple(hops))
 
 
-def remote_routes(learned: dict[str, tuple[str, ...]], connected: Iterable[tuple[str, ipaddress.IPv4Interface]],
+def remote_routes(learned: dict[str, tuple[str, ...]], connected: Iterable[tuple[str, IPInterface]],
                   own_blocks: Iterable[IPNetwork]) -> set[RouteSpec]:
     """Routes learned over BGP (prefix -> next hops), as :func:`remote_route` makes them."""
     connected = tuple(connected)

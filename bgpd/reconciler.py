@@ -81,7 +81,7 @@ class RouteReconciler:
         # What the fast path works against, as of the last full run: the BGP routes in the kernel by prefix,
         # the node's addresses and its own blocks.
         self._remote: dict[str, desired.RouteSpec] = {}
-        self._connected: tuple[tuple[str, ipaddress.IPv4Interface], ...] = ()
+        self._connected: tuple[tuple[str, desired.IPInterface], ...] = ()
         self._own: set[str] = set()
         self._encapsulated: set[str] = set()  # prefixes routed by the overlay: BGP's routes to them are ignored
         self._periodic = False
@@ -98,7 +98,7 @@ class RouteReconciler:
         self._wake.set()
 
     async def desired_state(self, existing: set[str],
-                            connected: list[tuple[str, ipaddress.IPv4Interface]]) -> set[desired.RouteSpec]:
+                            connected: list[tuple[str, desired.IPInterface]]) -> set[desired.RouteSpec]:
         """The routes the node should hold, for the interfaces ``existing`` in its kernel."""
         weps = await list_node_weps(self.store, self.node)
         affinities = []

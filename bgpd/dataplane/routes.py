@@ -13,7 +13,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from bgpd.dataplane.workloads import ROUTE_PROTO, SCOPE_LINK
-from bgpd.desired import RouteDiff, RouteSpec
+from bgpd.desired import IPInterface, RouteDiff, RouteSpec
 
 ONLINK = 4  # RTNH_F_ONLINK: the next hop is on the segment even if no route says so
 
@@ -24,11 +24,17 @@ def interfaces(ipr: IPRoute | None = None) -> dict[int, str]:
     return dict(socket.if_nameindex())
 
 
-def connected(ipr: IPRoute) -> list[tuple[str, ipaddress.IPv4Interface]]:
-    """(interface, address) of every IPv4 address on the node."""
+def connected(ipr: IPRoute) -> list[tuple[str, IPInterface]]:
+    """(interface, address) of every IPv4 address and every IPv6 address but link-local ones on the node: the
+    subnets BGP next hops are looked for in (fe80::/64 is on every interface and would say nothing)."""
     names = interfaces(ipr)
-    return [(names.get(a["index"], "?"), ipaddress.IPv4Interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"))
-            for a in ipr.get_addr(family=2)]
+    found: list[tuple[str, IPInterface]] = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for a in ipr.get_addr(family=family):
+            address = ipaddress.ip_interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}")
+            if not address.ip.is_link_local or address.version == 4:
+                found.append((names.get(a["index"], "?"), address))
+    return found
 
 
 def actual_routes(ipr: IPRoute | None = None) -> set[RouteSpec]:

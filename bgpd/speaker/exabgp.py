@@ -30,6 +30,7 @@ from bgpd.speaker.peers import (
     canonical_prefix,
     looped,
     multipath,
+    prefix_version,
     reflections,
     render_exabgp,
 )
@@ -86,9 +87,11 @@ class PeerStatus:
 
 class ExaBGP:
     def __init__(self, state_dir: Path, router_id: str, on_routes: Callable[[], None],
-                 exabgp: str | None = None) -> None:
+                 exabgp: str | None = None, listen: tuple[str, ...] = ()) -> None:
         self.state_dir = state_dir
         self.router_id = router_id
+        # Addresses ExaBGP accepts sessions on (the node's IPv4 and IPv6 addresses); default: the router id.
+        self.listen = listen or (router_id,)
         self.on_routes = on_routes
         self.exabgp = exabgp or str(Path(sys.executable).parent / "exabgp")
         self.peers: dict[str, PeerStatus] = {}
@@ -194,7 +197,7 @@ class ExaBGP:
                    "exabgp_log_configuration": "true",
                    # Unicast NLRI as plain strings, not {"nlri": ...} objects: less to encode and to parse.
                    "exabgp_api_compact": "true",
-                   "exabgp_tcp_bind": self.router_id, "exabgp_tcp_port": "179"}
+                   "exabgp_tcp_bind": " ".join(self.listen), "exabgp_tcp_port": "179"}
             started = time.monotonic()
             self._api_ready.clear()
             with open(self.state_dir / "exabgp.log", "ab") as out:
@@ -371,7 +374,8 @@ class ExaBGP:
         if self._writer is None:
             return
         for peer in peers:
-            for prefix in sorted(self.wanted):
+            version = self.peers[peer].spec.version if peer in self.peers else prefix_version(peer)
+            for prefix in sorted(p for p in self.wanted if prefix_version(p) == version):
                 self._writer.write(f"neighbor {peer} announce route {prefix} next-hop self\n".encode())
             self.reflected.pop(peer, None)  # and what we reflect to it, on the next reflect()
         await self._writer.drain()
@@ -383,7 +387,8 @@ class ExaBGP:
         if self._writer is None:
             return
         for peer in peers:
-            self._writer.write(f"neighbor {peer} announce eor ipv4 unicast\n".encode())
+            version = self.peers[peer].spec.version if peer in self.peers else prefix_version(peer)
+            self._writer.write(f"neighbor {peer} announce eor ipv{version} unicast\n".encode())
         await self._writer.drain()
 
     async def reflect(self) -> None:
@@ -510,46 +515,48 @@ class ExaBGP:
         table = self.rib.setdefault(peer, {})
         changed = False
         attributes = update.get("attribute", {})
-        for next_hop, entries in _dict(_dict(update.get("announce")).get("ipv4 unicast")).items():
-            if not _next_hop(next_hop):
-                continue
-            path = _path(next_hop, attributes)
-            spec = self.peers[peer].spec
-            if path is not None and spec.peer_as != spec.local_as and path.local_pref != 100:
-                # RFC 4271 5.1.5: LOCAL_PREF from an external peer is ignored; honoured, a rogue peer could outrank
-                # a node's own block with it (tests/faults/test_rogue_peer.py).
-                path = dataclasses.replace(path, local_pref=100)
-            for entry in entries if isinstance(entries, list) else []:
-                prefix = _prefix(entry)
-                if not prefix:
+        spec = self.peers[peer].spec
+        for version in (4, 6):
+            family = f"ipv{version} unicast"
+            for next_hop, entries in _dict(_dict(update.get("announce")).get(family)).items():
+                if not _next_hop(next_hop, version):
                     continue
-                if path is None:
-                    # RFC 7606 treat-as-withdraw: an attribute we cannot trust voids the routes it came with,
-                    # including an earlier good path for them (the peer replaced it).
-                    self.malformed[peer] = self.malformed.get(peer, 0) + 1
-                    log.warning("bgp route %s from %s dropped: malformed path attributes", prefix, peer)
-                    if table.pop(prefix, None) is not None:
+                path = _path(next_hop, attributes)
+                if path is not None and spec.peer_as != spec.local_as and path.local_pref != 100:
+                    # RFC 4271 5.1.5: LOCAL_PREF from an external peer is ignored; honoured, a rogue peer could
+                    # outrank a node's own block with it (tests/faults/test_rogue_peer.py).
+                    path = dataclasses.replace(path, local_pref=100)
+                for entry in entries if isinstance(entries, list) else []:
+                    prefix = _prefix(entry, version)
+                    if not prefix:
+                        continue
+                    if path is None:
+                        # RFC 7606 treat-as-withdraw: an attribute we cannot trust voids the routes it came with,
+                        # including an earlier good path for them (the peer replaced it).
+                        self.malformed[peer] = self.malformed.get(peer, 0) + 1
+                        log.warning("bgp route %s from %s dropped: malformed path attributes", prefix, peer)
+                        if table.pop(prefix, None) is not None:
+                            self.touched.add(prefix)
+                            changed = True
+                        continue
+                    if looped(path, self.router_id, self.cluster_id):
+                        log.info("bgp route %s from %s dropped: it looped (RFC 4456)", prefix, peer)
+                        if table.pop(prefix, None) is not None:
+                            self.touched.add(prefix)
+                            changed = True
+                        continue
+                    if table.get(prefix) != path:
+                        table[prefix] = path
                         self.touched.add(prefix)
                         changed = True
-                    continue
-                if looped(path, self.router_id, self.cluster_id):
-                    log.info("bgp route %s from %s dropped: it looped (RFC 4456)", prefix, peer)
-                    if table.pop(prefix, None) is not None:
-                        self.touched.add(prefix)
-                        changed = True
-                    continue
-                if table.get(prefix) != path:
-                    table[prefix] = path
+                    if peer in self.stale:
+                        self.stale[peer][1].discard(prefix)
+            withdrawn = _dict(update.get("withdraw")).get(family)
+            for entry in withdrawn if isinstance(withdrawn, list) else []:
+                prefix = _prefix(entry, version)
+                if prefix and table.pop(prefix, None) is not None:
                     self.touched.add(prefix)
                     changed = True
-                if peer in self.stale:
-                    self.stale[peer][1].discard(prefix)
-        withdrawn = _dict(update.get("withdraw")).get("ipv4 unicast")
-        for entry in withdrawn if isinstance(withdrawn, list) else []:
-            prefix = _prefix(entry)
-            if prefix and table.pop(prefix, None) is not None:
-                self.touched.add(prefix)
-                changed = True
         return changed
 
 
@@ -593,10 +600,11 @@ def _as_path(value: Any) -> tuple[int, ...] | None:
     return tuple(path)
 
 
-def _prefix(entry: Any) -> str | None:
-    """An NLRI as ExaBGP gives it: a plain string (``exabgp.api.compact``) or ``{"nlri": ...}``."""
+def _prefix(entry: Any, version: int = 4) -> str | None:
+    """An NLRI as ExaBGP gives it: a plain string (``exabgp.api.compact``) or ``{"nlri": ...}``, canonical; None
+    unless it is a network of the family it came under."""
     nlri = entry.get("nlri") if isinstance(entry, dict) else entry
-    return canonical_prefix(nlri) if isinstance(nlri, str) else None
+    return canonical_prefix(nlri, version) if isinstance(nlri, str) else None
 
 
 def _size(path: Path) -> int:
@@ -636,10 +644,21 @@ def _address(text: Any) -> bool:
     return True
 
 
-def _next_hop(text: Any) -> bool:
-    """An address a route can point at: not 0.0.0.0, a loopback, multicast or the broadcast address."""
-    if not _address(text):
+def _next_hop(text: Any, version: int = 4) -> bool:
+    """An address of the route's IP version a route can point at: not unspecified (0.0.0.0, ::), a loopback,
+    multicast, the broadcast address, or (IPv6) link-local: a link-local next hop names no interface, and
+    calico-py routes via the peer's global address on the shared segment."""
+    if version == 4:
+        if not _address(text):
+            return False
+        address = ipaddress.IPv4Address(text)
+        return not (address.is_unspecified or address.is_loopback or address.is_multicast
+                    or address == ipaddress.IPv4Address("255.255.255.255"))
+    if not isinstance(text, str):
         return False
-    address = ipaddress.IPv4Address(text)
-    return not (address.is_unspecified or address.is_loopback or address.is_multicast
-                or address == ipaddress.IPv4Address("255.255.255.255"))
+    try:
+        address6 = ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return not (address6.is_unspecified or address6.is_loopback or address6.is_multicast or address6.is_link_local
+                or address6.ipv4_mapped is not None)

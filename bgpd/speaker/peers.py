@@ -4,6 +4,7 @@ and ExaBGP's configuration text for it."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
 import socket
 from collections.abc import Callable, Iterable, Mapping
@@ -26,15 +27,22 @@ class NodeInfo:
     as_number: int | None
     labels: Mapping[str, str]
     rr_cluster_id: str | None = None
+    ipv6: ipaddress.IPv6Interface | None = None
+
+    def address(self, version: int) -> str | None:
+        """The node's BGP address of that IP version, as text (None: it has none)."""
+        interface = self.ipv4 if version == 4 else self.ipv6
+        return str(interface.ip) if interface is not None else None
 
     @classmethod
     def from_v3(cls, obj: Mapping[str, Any]) -> NodeInfo:
         meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
         bgp = spec.get("bgp") or {}
-        address = bgp.get("ipv4Address")
+        address, address6 = bgp.get("ipv4Address"), bgp.get("ipv6Address")
         return cls(name=meta.get("name", ""), ipv4=ipaddress.IPv4Interface(address) if address else None,
                    as_number=bgp.get("asNumber"), labels=meta.get("labels") or {},
-                   rr_cluster_id=bgp.get("routeReflectorClusterID"))
+                   rr_cluster_id=bgp.get("routeReflectorClusterID"),
+                   ipv6=ipaddress.IPv6Interface(address6) if address6 else None)
 
 
 @dataclass(frozen=True, order=True)
@@ -47,6 +55,12 @@ class PeerSpec:
     name: str  # the peer node's name, or the BGPPeer's
     rr_client: bool = False  # we are a route reflector and this peer is one of our clients
     password: str | None = field(default=None, repr=False)  # TCP-MD5 (RFC 2385), from a secret
+
+    @property
+    def version(self) -> int:
+        """The session's IP version: it carries that family's unicast routes only (Calico's BIRD runs separate
+        IPv4 and IPv6 sessions too)."""
+        return 6 if ":" in self.address else 4
 
 
 def _as_number(value: Any) -> bool:
@@ -82,6 +96,12 @@ def node_problem(obj: Any) -> str | None:
             ipaddress.IPv4Interface(address)
         except (ValueError, TypeError):
             return f"spec.bgp.ipv4Address {address!r} is not an IPv4 address with prefix length"
+    address6 = bgp.get("ipv6Address")
+    if address6 is not None:
+        try:
+            ipaddress.IPv6Interface(address6)
+        except (ValueError, TypeError):
+            return f"spec.bgp.ipv6Address {address6!r} is not an IPv6 address with prefix length"
     if bgp.get("asNumber") is not None and not _as_number(bgp["asNumber"]):
         return f"spec.bgp.asNumber {bgp['asNumber']!r} is not an AS number"
     cluster = bgp.get("routeReflectorClusterID")
@@ -106,10 +126,7 @@ def peer_problem(resource: Any) -> str | None:
             return f"spec.{key}: {problem}"
     if spec.get("peerIP"):
         address = spec["peerIP"]
-        host = address.rsplit(":", 1)[0] if isinstance(address, str) and address.count(":") == 1 else address
-        try:
-            ipaddress.ip_address(host)
-        except (ValueError, TypeError):
+        if peer_host(address) is None:
             return f"spec.peerIP {address!r} is not an IP address"
         if not _as_number(spec.get("asNumber")):
             return f"spec.asNumber {spec.get('asNumber')!r} is not an AS number (required with peerIP)"
@@ -127,6 +144,22 @@ def config_problem(config: Any) -> str | None:
     if restart is not None and not isinstance(restart, str):
         return f"spec.nodeMeshMaxRestartTime {restart!r} is not a duration such as 120s"
     return None
+
+
+def peer_host(peer_ip: Any) -> str | None:
+    """A BGPPeer's ``peerIP`` without its port, canonical: ``10.0.0.1``, ``10.0.0.1:179``, ``fd00::1`` or
+    ``[fd00::1]:179`` (Calico's forms); None if it is not an address."""
+    if not isinstance(peer_ip, str):
+        return None
+    host = peer_ip
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
 
 
 def node_as(node: NodeInfo, global_as: int) -> int:
@@ -148,20 +181,31 @@ def desired_peers(me: NodeInfo, nodes: Iterable[NodeInfo], bgp_config: Mapping[s
                   ) -> list[PeerSpec]:
     """Calico's peering: the full mesh among nodes while nodeToNodeMeshEnabled, plus BGPPeer resources that
     select this node (global, ``node:``, ``nodeSelector``), to a fixed ``peerIP`` or every node matching
-    ``peerSelector``. ``passwords`` holds resolved TCP-MD5 secrets by BGPPeer name ("" for the mesh)."""
+    ``peerSelector``. ``passwords`` holds resolved TCP-MD5 secrets by BGPPeer name ("" for the mesh).
+
+    As with BIRD in Calico, IPv4 and IPv6 are separate sessions: two nodes peer over IPv4 when both have an
+    IPv4 address, and over IPv6 when both have an IPv6 address; a ``peerIP`` of a version this node has no
+    address of is skipped."""
     passwords = passwords or {}
     spec = (bgp_config or {}).get("spec") or {}
     global_as = int(spec.get("asNumber") or DEFAULT_AS)
-    if me.ipv4 is None:
+    if me.ipv4 is None and me.ipv6 is None:
         return []
     local_as = node_as(me, global_as)
-    local = str(me.ipv4.ip)
-    others = [n for n in nodes if n.name != me.name and n.ipv4 is not None]
+    others = [n for n in nodes if n.name != me.name and (n.ipv4 is not None or n.ipv6 is not None)]
     peers: dict[str, PeerSpec] = {}
+
+    def sessions(node: NodeInfo, kind: str, password: str | None) -> None:
+        """One session per IP version both ends have an address of (the first BGPPeer to ask for it wins)."""
+        for version in (4, 6):
+            local, remote = me.address(version), node.address(version)
+            if local is not None and remote is not None:
+                peers.setdefault(remote, PeerSpec(remote, node_as(node, global_as), local_as, local, kind, node.name,
+                                                  password=password))
+
     if spec.get("nodeToNodeMeshEnabled", True):
         for node in others:
-            peers[str(node.ipv4.ip)] = PeerSpec(str(node.ipv4.ip), node_as(node, global_as), local_as,  # type: ignore[union-attr]
-                                                local, MESH, node.name, password=passwords.get(MESH_PASSWORD))
+            sessions(node, MESH, passwords.get(MESH_PASSWORD))
     for resource in bgp_peers:
         peer_spec = resource.get("spec") or {}
         name = (resource.get("metadata") or {}).get("name", "")
@@ -176,17 +220,16 @@ def desired_peers(me: NodeInfo, nodes: Iterable[NodeInfo], bgp_config: Mapping[s
         else:
             kind = GLOBAL
         if peer_spec.get("peerIP"):
-            address = str(peer_spec["peerIP"]).rsplit(":", 1)[0] if peer_spec["peerIP"].count(":") == 1 \
-                else str(peer_spec["peerIP"])
-            peers.setdefault(address, PeerSpec(address, int(peer_spec["asNumber"]), local_as, local, kind, name,
-                                               password=passwords.get(name)))
+            address = peer_host(peer_spec["peerIP"])
+            local = me.address(6 if ":" in (address or "") else 4)
+            if address is not None and local is not None:
+                peers.setdefault(address, PeerSpec(address, int(peer_spec["asNumber"]), local_as, local, kind, name,
+                                                   password=passwords.get(name)))
         elif peer_spec.get("peerSelector"):
             selector = parse_selector(peer_spec["peerSelector"])
             for node in others:
                 if selector.matches(node.labels):
-                    peers.setdefault(str(node.ipv4.ip), PeerSpec(  # type: ignore[union-attr]
-                        str(node.ipv4.ip), node_as(node, global_as), local_as, local, kind, node.name,  # type: ignore[union-attr]
-                        password=passwords.get(name)))
+                    sessions(node, kind, passwords.get(name))
     for resource in bgp_peers:
         # The other side of a peerSelector peering: a selected node peers back with every node the BGPPeer
         # applies to (this is how reflectors learn their clients).
@@ -197,11 +240,9 @@ def desired_peers(me: NodeInfo, nodes: Iterable[NodeInfo], bgp_config: Mapping[s
         resource_name = (resource.get("metadata") or {}).get("name", "")
         for node in others:
             if (peer_spec.get("node") in (None, node.name)) and applies.matches(node.labels):
-                peers.setdefault(str(node.ipv4.ip), PeerSpec(  # type: ignore[union-attr]
-                    str(node.ipv4.ip), node_as(node, global_as), local_as, local, GLOBAL, node.name,  # type: ignore[union-attr]
-                    password=passwords.get(resource_name)))
+                sessions(node, GLOBAL, passwords.get(resource_name))
     if me.rr_cluster_id:
-        by_address = {str(n.ipv4.ip): n for n in others}  # type: ignore[union-attr]
+        by_address = {address: n for n in others for address in (n.address(4), n.address(6)) if address}
         for address, peer in list(peers.items()):
             other = by_address.get(address)
             reflector = other is not None and other.rr_cluster_id is not None  # reflectors peer as non-clients
@@ -239,12 +280,18 @@ def parse_prefix(text: str, family: int = socket.AF_INET) -> tuple[int, int] | N
     return value, prefixlen
 
 
-def canonical_prefix(text: str) -> str | None:
-    """An IPv4 network's canonical text, or None if ``text`` is not one."""
-    parsed = parse_prefix(text)
+def canonical_prefix(text: str, version: int = 4) -> str | None:
+    """A network's canonical text (IPv6: compressed, lower case, as ``ipaddress`` and the kernel write it), or
+    None if ``text`` is not a network of that IP version."""
+    family = socket.AF_INET6 if version == 6 else socket.AF_INET
+    parsed = parse_prefix(text, family)
     if parsed is None:
         return None
-    return f"{socket.inet_ntop(socket.AF_INET, parsed[0].to_bytes(4, 'big'))}/{parsed[1]}"
+    return f"{socket.inet_ntop(family, parsed[0].to_bytes(16 if version == 6 else 4, 'big'))}/{parsed[1]}"
+
+
+def prefix_version(prefix: str) -> int:
+    return 6 if ":" in prefix else 4
 
 
 # Why the import filter refuses a path (the ``reason`` label of calico_py_bgp_routes_rejected_total).
@@ -303,8 +350,19 @@ def accepted(prefix: IPNetwork, pools: Iterable[IPPool]) -> bool:
     return PoolFilter(pools)(str(prefix))
 
 
+def router_id_for(ipv4: str | None, node_name: str) -> str:
+    """The BGP router id: the node's IPv4 address; an IPv6-only node has none, so one is derived from its name
+    (Calico's ``CALICO_ROUTER_ID=hash``: four bytes of a hash, here SHA-256), stable across restarts and
+    distinct between nodes unless two names collide in 32 bits."""
+    if ipv4:
+        return ipv4
+    digest = hashlib.sha256(node_name.encode()).digest()
+    return str(ipaddress.IPv4Address(digest[:4]))
+
+
 def render_exabgp(router_id: str, peers: Iterable[PeerSpec], relay: list[str], graceful_restart: int = 120) -> str:
-    """ExaBGP 5 configuration: one neighbor per peer, all feeding our API process."""
+    """ExaBGP 5 configuration: one neighbor per peer, all feeding our API process. An IPv4 session carries
+    ``ipv4 unicast``, an IPv6 one ``ipv6 unicast``; the router id is the same 32-bit id on both."""
     lines = ["process calico {", f"    run {' '.join(relay)};", "    encoder json;", "}", ""]
     for peer in peers:
         lines += [
@@ -317,7 +375,7 @@ def render_exabgp(router_id: str, peers: Iterable[PeerSpec], relay: list[str], g
             "    manual-eor true;",  # End-of-RIB from the daemon, once our routes are out (see ExaBGP._api)
             *([f'    md5-password "{peer.password}";'] if peer.password else []),
             *([f"    capability {{ graceful-restart {graceful_restart}; }}"] if graceful_restart else []),
-            "    family { ipv4 unicast; }",
+            f"    family {{ ipv{peer.version} unicast; }}",
             "    api { processes [ calico ]; receive { parsed; update; open; } neighbor-changes; }",
             "}",
             "",
@@ -399,8 +457,9 @@ def reflections(rib: Mapping[str, Mapping[str, BGPPath]], peers: Iterable[PeerSp
         source, path = best_path(paths)
         reflected = dataclasses.replace(path, originator_id=path.originator_id or source,
                                         cluster_list=(cluster_id, *path.cluster_list))
+        version = prefix_version(prefix)
         for address, peer in ibgp.items():
-            if address == source or (not ibgp[source].rr_client and not peer.rr_client):
-                continue
+            if address == source or (not ibgp[source].rr_client and not peer.rr_client) or peer.version != version:
+                continue  # an IPv6 route goes over IPv6 sessions only (and IPv4 over IPv4)
             out[address][prefix] = reflected
     return out

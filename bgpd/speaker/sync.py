@@ -148,11 +148,12 @@ class BGPSync:
 
     async def sync_once(self) -> None:
         nodes_prefix, peers_prefix = keys.resource_prefix("nodes"), keys.resource_prefix("bgppeers")
-        pools_prefix, affinity_prefix = keys.resource_prefix("ippools"), keys.affinities_prefix(self.node, 4)
+        pools_prefix = keys.resource_prefix("ippools")
+        affinity_prefixes = [keys.affinities_prefix(self.node, version) for version in (4, 6)]
         config_key = keys.resource_key("bgpconfigurations", "default")
         weps_prefix = keys.resource_prefix("workloadendpoints")
         snapshot = await self.store.read(keys=[config_key], prefixes=[nodes_prefix, peers_prefix, pools_prefix,
-                                                                      affinity_prefix, weps_prefix])
+                                                                      *affinity_prefixes, weps_prefix])
         problems: list[str] = []
         nodes = [NodeInfo.from_v3(obj) for obj in self._usable(snapshot.prefixes[nodes_prefix], node_problem,
                                                                 problems)]
@@ -177,7 +178,7 @@ class BGPSync:
             self.speaker.touch_all()  # routes filtered out by the old pools may be accepted now, and the reverse
             self.speaker.on_routes()
         blocks = []
-        for kv in snapshot.prefixes[affinity_prefix]:
+        for kv in (kv for prefix in affinity_prefixes for kv in snapshot.prefixes[prefix]):
             _, cidr = keys.parse_affinity_key(kv.key)
             if BlockAffinity.from_json(self.node, cidr, kv.json()).confirmed:
                 blocks.append(cidr)
@@ -238,7 +239,7 @@ class BGPSync:
             self._wake.clear()
 
     def status(self) -> list[dict[str, Any]]:
-        return [{"address": address, "family": "IPv4", "type": peer.spec.kind, "state": peer.state,
+        return [{"address": address, "family": f"IPv{peer.spec.version}", "type": peer.spec.kind, "state": peer.state,
                  "since": time.strftime("%H:%M:%S", time.localtime(peer.since)), "info": self._info(peer),
                  "learned": len(self.speaker.rib.get(address, {})),
                  "rejected": {reason: count for (peer_address, reason), count in sorted(self.rejected_total.items())

@@ -19,6 +19,7 @@ class ConfigError(ValueError):
 
 ENCAP = ("Never", "Always", "CrossSubnet")
 AUTODETECT_METHODS = ("first-found", "can-reach=", "interface=", "skip-interface=", "cidr=", "kubernetes-internal-ip")
+AUTODETECT6_METHODS = ("first-found", "can-reach=", "interface=", "skip-interface=", "cidr=")
 
 
 def _bool(env: dict[str, str], name: str, default: bool) -> bool:
@@ -61,6 +62,9 @@ class Config:
     rr_cluster_id: str | None = None
     health_host: str = "127.0.0.1"  # /liveness, /readiness, /metrics
     health_port: int = 9099
+    ip6: str = "none"  # IP6: an IPv6 address (optionally with /prefix), "autodetect" or "none" (Calico's default)
+    ip6_autodetection_method: str = "first-found"
+    default_pool6: dict[str, Any] | None = None  # default-ipv6-ippool from CALICO_IPV6POOL_CIDR, if given
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> Config:
@@ -77,6 +81,17 @@ class Config:
         if not method.startswith(AUTODETECT_METHODS):
             raise ConfigError(f"IP_AUTODETECTION_METHOD={method!r}: use first-found, can-reach=DEST, "
                               "interface=REGEX, skip-interface=REGEX, cidr=CIDR or kubernetes-internal-ip")
+        ip6 = env.get("IP6", "none").strip() or "none"
+        if ip6 not in ("autodetect", "none"):
+            try:
+                ipaddress.IPv6Interface(ip6)
+            except ValueError:
+                raise ConfigError(f"IP6={ip6!r}: give an IPv6 address (optionally /prefix), autodetect or none"
+                                  ) from None
+        method6 = env.get("IP6_AUTODETECTION_METHOD", "first-found")
+        if not method6.startswith(AUTODETECT6_METHODS):
+            raise ConfigError(f"IP6_AUTODETECTION_METHOD={method6!r}: use first-found, can-reach=DEST, "
+                              "interface=REGEX, skip-interface=REGEX or cidr=CIDR")
         as_number = _int(env, "AS", 0, 1, 4294967295) or None
         backend = env.get("CALICO_NETWORKING_BACKEND", "bird")
         if backend not in ("bird", "vxlan", "none"):
@@ -91,6 +106,7 @@ class Config:
             log_level=env.get("LOG_LEVEL", "info"),
             labels=dict(item.split("=", 1) for item in env.get("CALICO_NODE_LABELS", "").split(",") if "=" in item),
             rr_cluster_id=_cluster_id(env),
+            ip6=ip6, ip6_autodetection_method=method6, default_pool6=default_pool6(env),
         )
 
 
@@ -124,4 +140,30 @@ def default_pool(env: dict[str, str]) -> dict[str, Any] | None:
         IPPool.from_v3(document)
     except IPAMError as exc:
         raise ConfigError(f"CALICO_IPV4POOL_*: {exc}") from None
+    return document
+
+
+def default_pool6(env: dict[str, str]) -> dict[str, Any] | None:
+    """calico-node's ``default-ipv6-ippool`` from CALICO_IPV6POOL_* when CALICO_IPV6POOL_CIDR is given (Calico
+    invents a random ULA /48 when it is not; calico-py creates no IPv6 pool it was not asked for). Blocks are /122
+    unless CALICO_IPV6POOL_BLOCK_SIZE says otherwise; NAT outgoing is off unless asked for, as in Calico."""
+    cidr = env.get("CALICO_IPV6POOL_CIDR", "").strip()
+    if _bool(env, "NO_DEFAULT_POOLS", False) or not cidr:
+        return None
+    spec: dict[str, Any] = {
+        "cidr": cidr,
+        "blockSize": _int(env, "CALICO_IPV6POOL_BLOCK_SIZE", 122, 116, 128),
+        "ipipMode": "Never",  # IPIP carries IPv4 only
+        "vxlanMode": env.get("CALICO_IPV6POOL_VXLAN", "Never"),
+        "natOutgoing": _bool(env, "CALICO_IPV6POOL_NAT_OUTGOING", False),
+        "nodeSelector": env.get("CALICO_IPV6POOL_NODE_SELECTOR", "all()"),
+    }
+    document = {"apiVersion": "projectcalico.org/v3", "kind": "IPPool",
+                "metadata": {"name": "default-ipv6-ippool"}, "spec": spec}
+    try:
+        pool = IPPool.from_v3(document)
+    except IPAMError as exc:
+        raise ConfigError(f"CALICO_IPV6POOL_*: {exc}") from None
+    if pool.version != 6:
+        raise ConfigError(f"CALICO_IPV6POOL_CIDR={cidr!r}: give an IPv6 network such as fd00:10:244::/64")
     return document

@@ -34,6 +34,7 @@ from bgpd.overlay import NODES, POOLS, Overlay, interface_mtu, watch
 from bgpd.reconciler import RouteReconciler
 from bgpd.resources import node_resource, node_settings, register_node
 from bgpd.speaker.exabgp import ExaBGP
+from bgpd.speaker.peers import router_id_for
 from bgpd.speaker.sync import BGPSync
 from bgpd.status import StatusServer
 from ipam import keys
@@ -59,7 +60,7 @@ def node_address(config: Config, kube_node: KubeNode | None = None) -> ipaddress
         ip = kube_node.internal_ip
     elif config.ip == "autodetect":
         found = detect(config.ip_autodetection_method)
-        if found is None:
+        if not isinstance(found, ipaddress.IPv4Interface):
             raise ConfigError(f"IP=autodetect found no address with IP_AUTODETECTION_METHOD="
                               f"{config.ip_autodetection_method}; set IP or another method")
         return found
@@ -72,6 +73,25 @@ def node_address(config: Config, kube_node: KubeNode | None = None) -> ipaddress
     return ipaddress.IPv4Interface(address)
 
 
+def node_address6(config: Config) -> ipaddress.IPv6Interface | None:
+    """The node's IPv6 address from IP6 (Node spec.bgp.ipv6Address): None with IP6=none, Calico's default."""
+    if config.ip6 == "none":
+        return None
+    if config.ip6 == "autodetect":
+        found = detect(config.ip6_autodetection_method, version=6)
+        if not isinstance(found, ipaddress.IPv6Interface):
+            raise ConfigError(f"IP6=autodetect found no global IPv6 address with IP6_AUTODETECTION_METHOD="
+                              f"{config.ip6_autodetection_method}; set IP6, another method, or IP6=none")
+        return found
+    address = ipaddress.IPv6Interface(config.ip6)
+    if "/" not in config.ip6:  # the prefix length of the interface that holds the address
+        with IPRoute() as ipr:
+            for entry in ipr.get_addr(family=10):
+                if entry.get_attr("IFA_ADDRESS") == str(address.ip):
+                    return ipaddress.IPv6Interface(f"{address.ip}/{entry['prefixlen']}")
+    return address
+
+
 def warn_without_default_route() -> None:
     """Pods reach their gateway 169.254.1.1 by proxy ARP, which the kernel only answers when it has a route
     to that address through another interface: in practice, a default route."""
@@ -82,18 +102,29 @@ def warn_without_default_route() -> None:
 
 
 async def ensure_default_pool(store: Datastore, config: Config) -> None:
-    if config.default_pool is None or await list_pools(store):
-        return
-    try:
-        await save_pool(store, IPPool.from_v3(config.default_pool), replace=False)
-        log.info("created pool default-ipv4-ippool %s", config.default_pool["spec"]["cidr"])
-    except ResourceExists:
-        pass  # another node created it first
+    """The default pool of each IP version, created when no pool of that version exists (as calico-node does):
+    IPv4 unless NO_DEFAULT_POOLS, IPv6 when CALICO_IPV6POOL_CIDR is given."""
+    existing = {pool.version for pool in await list_pools(store)}
+    for document in (config.default_pool, config.default_pool6):
+        if document is None:
+            continue
+        pool = IPPool.from_v3(document)
+        if pool.version in existing:
+            continue
+        try:
+            await save_pool(store, pool, replace=False)
+            log.info("created pool %s %s", pool.name, pool.cidr)
+        except ResourceExists:
+            pass  # another node created it first
 
 
 async def run(config: Config, address: ipaddress.IPv4Interface | None, kube: Kube | None = None,
-              kube_node: KubeNode | None = None) -> None:
+              kube_node: KubeNode | None = None, address6: ipaddress.IPv6Interface | None = None) -> None:
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
+    if address6 is not None or config.default_pool6 is not None:
+        # IPv6 pods: the kernel forwards IPv6 only with the global switch on (per-interface forwarding, set on
+        # each cali veth, only makes the interface act as a router).
+        Path("/proc/sys/net/ipv6/conf/all/forwarding").write_text("1")
     async with Datastore(config.etcd) as store:
         existing = await store.get(f"/calico/resources/v3/projectcalico.org/nodes/{config.nodename}")
         settings = node_settings(kube_node.labels if kube_node else {}, kube_node.annotations if kube_node else {},
@@ -101,7 +132,7 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None, kube: Kub
         for problem in settings.problems:
             log.warning("kubernetes node %s: %s (ignored)", config.nodename, problem)
         config = dataclasses.replace(config, as_number=settings.as_number, rr_cluster_id=settings.rr_cluster_id)
-        await register_node(store, node_resource(config.nodename, address, None, config.as_number, settings.labels,
+        await register_node(store, node_resource(config.nodename, address, address6, config.as_number, settings.labels,
                                                  existing.json() if existing else None, config.rr_cluster_id))
         await ensure_default_pool(store, config)
         netlink = Netlink()
@@ -114,9 +145,11 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None, kube: Kub
                                      learned=lambda: bgp.learned() if bgp else {},
                                      learned_changes=lambda: bgp.learned_changes() if bgp else {},
                                      bgp_converged=lambda: bgp.speaker.converged if bgp else True)
-        if config.networking_backend == "bird" and address is not None:
+        if config.networking_backend == "bird" and (address is not None or address6 is not None):
             speaker = ExaBGP(Path(os.environ.get("CALICO_STATE_DIR", f"/run/calico-py/{config.nodename}")),
-                             str(address.ip), on_routes=reconciler.wake_routes)
+                             router_id_for(str(address.ip) if address else None, config.nodename),
+                             on_routes=reconciler.wake_routes,
+                             listen=tuple(str(a.ip) for a in (address, address6) if a is not None))
             bgp = BGPSync(store, speaker, config.nodename,
                           secrets_dir=Path(os.environ.get("CALICO_SECRETS_DIR", "/etc/calico-py/secrets")))
             await speaker.start()
@@ -144,7 +177,8 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None, kube: Kub
         started, started_wall = time.monotonic(), time.time()
 
         def snapshot() -> dict[str, Any]:
-            return {"node": config.nodename, "address": str(address) if address else None, "ready": True,
+            return {"node": config.nodename, "address": str(address) if address else None,
+                    "address6": str(address6) if address6 else None, "ready": True,
                     "uptime_seconds": time.monotonic() - started, "version": __version__,
                     "reconcile": dataclasses.asdict(reconciler.stats), "workloads": reconciler.stats.workloads,
                     "datastore": {"endpoint": store.endpoint, "failovers": store.failovers},
@@ -173,7 +207,8 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None, kube: Kub
         await status.start()
         health = HealthServer(config.health_host, config.health_port, probe, metrics)
         await health.start()
-        log.info("ready node=%s ip=%s etcd=%s", config.nodename, address, ",".join(config.etcd.endpoints))
+        log.info("ready node=%s ip=%s ip6=%s etcd=%s", config.nodename, address, address6,
+                 ",".join(config.etcd.endpoints))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -214,9 +249,10 @@ def main() -> int:
             log.warning("no Kubernetes Node named %s: its labels and annotations are not used", config.nodename)
         # pyroute2's synchronous API runs its own event loop: use it before ours starts (or in threads).
         address = node_address(config, kube_node)
+        address6 = node_address6(config)
         warn_without_default_route()
         privileges.drop_unneeded(bgp_speaker=config.networking_backend == "bird")  # before any thread starts
-        asyncio.run(run(config, address, kube, kube_node))
+        asyncio.run(run(config, address, kube, kube_node, address6))
     except (ConfigError, IPAMError, KubeError, RuntimeError) as exc:
         print(f"calico-py-node: {exc}", file=sys.stderr)
         return 1

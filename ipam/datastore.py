@@ -10,18 +10,25 @@ the next endpoint and retries with jittered backoff until ``failover_timeout`` r
 a compare-and-swap, so retrying one is safe: if the first attempt did commit before the connection broke, the
 retry fails its comparison. :attr:`TxnResult.ambiguous` tells the caller that this may have happened, so it can
 look at the data to find out (see the allocator).
+
+Watch (:meth:`Datastore.watch`): list, then follow the changes under a few prefixes on one gRPC stream, from the
+revision after the list. A broken stream (member down, restarted, without a leader, frozen: gRPC keepalive) is
+opened again on the next member from the revision after the last event seen per prefix, so nothing is lost and
+nothing is delivered twice; when etcd has compacted that revision away, the prefixes are listed again and the
+watch goes on from the revision of that list.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import random
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,6 +48,9 @@ _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, gr
 # answers "no leader" (UNAVAILABLE) at once instead of holding the request until its deadline, so the client tries
 # another member, or the same one a moment later, without losing a whole request timeout.
 _REQUIRE_LEADER = (("hasleader", "true"),)
+# A broken watch stream is opened again at once on the next member; after a whole round of members failed, with a
+# jittered wait doubling up to this many seconds (an outage costs a connection attempt per member that often).
+WATCH_RETRY_MAX_SECONDS = 2.0
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.enable_retries", 0),  # retries are ours, with CAS semantics in mind
@@ -155,6 +165,39 @@ class Snapshot:
     prefixes: dict[str, list[KeyValue]]
 
 
+@dataclass(frozen=True)
+class WatchEvent:
+    """One key created, changed or deleted. For a delete, ``kv`` holds the key and the revision of the delete
+    (no value); ``prev`` is the value before the change when the watch asked for it (``prev_kv=True``)."""
+
+    kv: KeyValue
+    deleted: bool
+    prev: KeyValue | None = None
+
+    @property
+    def key(self) -> str:
+        return self.kv.key
+
+    @property
+    def revision(self) -> int:
+        return self.kv.mod_revision
+
+
+@dataclass(frozen=True)
+class WatchUpdate:
+    """What a watch delivers, in revision order: either ``events`` (all of one or more revisions, up to
+    ``revision``), or, with ``resync`` set, the whole state of the watched prefixes at ``revision``, which replaces
+    whatever the consumer knew (the first update of a watch, and after a compaction)."""
+
+    revision: int
+    events: tuple[WatchEvent, ...] = ()
+    resync: Snapshot | None = None
+
+
+class _Compacted(Exception):
+    pass
+
+
 def encode(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
@@ -175,6 +218,11 @@ def prefix_end(prefix: str) -> bytes:
 
 def _kv(kv: Any) -> KeyValue:
     return KeyValue(kv.key.decode(), bytes(kv.value), kv.mod_revision, kv.create_revision, kv.version)
+
+
+def _event(event: Any) -> WatchEvent:
+    return WatchEvent(_kv(event.kv), deleted=event.type == rpc.Event.DELETE,
+                      prev=_kv(event.prev_kv) if event.HasField("prev_kv") else None)
 
 
 def _range(key: str, prefix: bool) -> Any:
@@ -323,6 +371,9 @@ class Datastore:
         return self.config.endpoints[self._current]
 
     def _stub(self, index: int) -> rpc.KVStub:
+        return rpc.KVStub(self._channel(index))
+
+    def _channel(self, index: int) -> grpc.aio.Channel:
         channel = self._channels.get(index)
         if channel is None:
             parts = urlsplit(self.config.endpoints[index])
@@ -333,7 +384,7 @@ class Datastore:
             else:
                 channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
             self._channels[index] = channel
-        return rpc.KVStub(channel)
+        return channel
 
     def _failover_wait(self, state: RetryCallState) -> float:
         # Try the next member at once; back off (with jitter) only after a full round of members failed.
@@ -416,3 +467,103 @@ class Datastore:
         request = rpc.TxnRequest(success=[rpc.RequestOp(
             request_delete_range=rpc.DeleteRangeRequest(key=_b(prefix), range_end=prefix_end(prefix)))])
         await self._txn(request, mutation=True)
+
+    async def watch(self, prefixes: Sequence[str], start_revision: int | None = None,
+                    prev_kv: bool = False) -> AsyncIterator[WatchUpdate]:
+        """Every change under ``prefixes``, in revision order, for as long as the caller iterates.
+
+        Without ``start_revision`` the first update is a resync (the prefixes listed at one revision) and events
+        follow from the next revision; with it, events start at that revision. An outage does not end the
+        watch: it fails over and waits until etcd answers, then resumes after the last event it delivered for
+        each prefix (etcd keeps revisions across restarts), so no event is lost or delivered twice. When etcd has
+        compacted that revision away, the update after the outage is a resync. Only a refusal that waiting cannot
+        cure (a TLS problem, a request etcd rejects) raises :class:`DatastoreError`."""
+        prefixes = list(prefixes)
+        next_revision = dict.fromkeys(prefixes, start_revision or 0)
+        resync_needed = start_revision is None
+        failures = 0
+        while True:
+            if resync_needed:
+                try:
+                    snapshot = await self.read(prefixes=prefixes)  # fails over and retries on its own
+                except DatastoreUnavailable as exc:
+                    log.warning("etcd watch of %s: listing postponed: %s", ", ".join(prefixes), exc)
+                    continue
+                resync_needed = False
+                next_revision = dict.fromkeys(prefixes, snapshot.revision + 1)
+                yield WatchUpdate(snapshot.revision, resync=snapshot)
+            index = self._current
+            endpoint = self.config.endpoints[index]
+            try:
+                async with contextlib.aclosing(self._watch_stream(index, prefixes, next_revision, prev_kv)) as stream:
+                    async for update in stream:
+                        if update is None:  # every prefix is watched again
+                            if failures:
+                                log.info("etcd watch resumed at %s", endpoint)
+                            failures = 0
+                            continue
+                        yield update
+            except _Compacted as exc:
+                log.info("etcd watch: %s; listing %s again", exc, ", ".join(prefixes))
+                resync_needed = True
+            except _Transient as exc:
+                failures += 1
+                problem = await tls_problem(self.config, endpoint, str(exc))
+                if problem:
+                    raise DatastoreError(problem) from None
+                if failures == 1:
+                    log.warning("etcd watch lost at %s (%s): resuming where it was once etcd answers", endpoint,
+                                exc)
+                if self._current == index:
+                    self._current = (index + 1) % len(self.config.endpoints)
+                    self.failovers += 1
+                if failures % len(self.config.endpoints) == 0:  # a whole round failed: wait a little
+                    rounds = failures // len(self.config.endpoints)
+                    await asyncio.sleep(random.uniform(0, min(WATCH_RETRY_MAX_SECONDS, 0.05 * 2**rounds)))
+
+    async def _watch_stream(self, index: int, prefixes: list[str], next_revision: dict[str, int],
+                            prev_kv: bool) -> AsyncIterator[WatchUpdate | None]:
+        """One watch stream to one member, a watcher per prefix from its ``next_revision`` (advanced here as events
+        are delivered). Yields None once every watcher is created, then the events. Raises _Transient when the
+        stream breaks, _Compacted when a revision asked for is gone."""
+        call = rpc.WatchStub(self._channel(index)).Watch(metadata=_REQUIRE_LEADER)
+        try:
+            for prefix in prefixes:
+                await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+                    key=_b(prefix), range_end=prefix_end(prefix), start_revision=next_revision[prefix],
+                    prev_kv=prev_kv)))
+            # etcd answers the create requests of one stream in order, each before any event of its watcher.
+            creating = list(prefixes)
+            watching: dict[int, str] = {}
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    raise _Transient("etcd closed the watch stream")
+                if response.compact_revision:
+                    prefix = watching.get(response.watch_id, "?")
+                    raise _Compacted(f"revision {next_revision.get(prefix, 0)} of {prefix} is compacted "
+                                     f"(oldest kept: {response.compact_revision})")
+                if response.created:
+                    prefix = creating.pop(0)
+                    if response.canceled:
+                        raise DatastoreError(f"etcd at {self.config.endpoints[index]} refused to watch {prefix}: "
+                                             f"{response.cancel_reason}")
+                    watching[response.watch_id] = prefix
+                    if not creating:
+                        yield None
+                    continue
+                if response.canceled:
+                    raise _Transient(f"etcd cancelled the watch: {response.cancel_reason or 'no reason given'}")
+                prefix = watching[response.watch_id]
+                # Anything before next_revision was delivered already (a resumed watch starts after it).
+                events = tuple(_event(e) for e in response.events if e.kv.mod_revision >= next_revision[prefix])
+                if events:
+                    next_revision[prefix] = events[-1].revision + 1
+                    yield WatchUpdate(events[-1].revision, events)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in _TRANSIENT:
+                raise DatastoreError(f"etcd at {self.config.endpoints[index]} refused the watch: "
+                                     f"{exc.details()}") from None
+            raise _Transient(exc.details() or exc.code().name) from None
+        finally:
+            call.cancel()

@@ -14,15 +14,22 @@ from pathlib import Path
 
 import pytest
 
-from bgpd.desired import RouteSpec, remote_routes
+from bgpd.dataplane.routes import ip_command
+from bgpd.desired import RouteSpec, desired_routes, remote_routes
 from bgpd.speaker.exabgp import ExaBGP, reload_outcome
 from bgpd.speaker.peers import (
+    DEFAULT_ROUTE,
     GLOBAL,
+    MALFORMED,
     MESH,
+    MORE_SPECIFIC,
     NODE_SPECIFIC,
+    OUTSIDE_POOLS,
+    WHOLE_POOL,
     BGPPath,
     NodeInfo,
     PeerSpec,
+    PoolFilter,
     accepted,
     announcements,
     best_path,
@@ -30,8 +37,11 @@ from bgpd.speaker.peers import (
     desired_peers,
     looped,
     multipath,
+    node_problem,
+    peer_problem,
     reflections,
     render_exabgp,
+    router_id_for,
 )
 from ipam.model import IPPool
 
@@ -389,3 +399,147 @@ def test_supervisor_resends_a_dropped_reload_then_restarts_exabgp(tmp_path: Path
 
     asyncio.run(scenario(deaf=False))
     asyncio.run(scenario(deaf=True))
+
+
+# ---------------------------------------------------------------------------------------------- IPv6 (dual stack)
+
+
+def dual(name: str, ip4: str | None, ip6: str | None, as_number: int | None = None, **labels: str) -> NodeInfo:
+    return NodeInfo(name, ipaddress.IPv4Interface(ip4) if ip4 else None, as_number, labels,
+                    ipv6=ipaddress.IPv6Interface(ip6) if ip6 else None)
+
+
+DUAL = [dual("d1", "10.0.0.11/24", "fd00:7::11/64"), dual("d2", "10.0.0.12/24", "fd00:7::12/64", 65002),
+        dual("d3", "10.0.0.13/24", None), dual("d4", None, "fd00:7::14/64", rr="true")]
+POOLS6 = [IPPool("v4", ipaddress.ip_network("10.244.0.0/16"), 26),
+          IPPool("v6", ipaddress.ip_network("fd00:10:244::/64"), 122)]
+
+
+def test_the_mesh_runs_an_ipv6_session_wherever_both_nodes_have_an_ipv6_address() -> None:
+    peers = desired_peers(DUAL[0], DUAL, None, [])
+    assert [(p.address, p.local_address, p.peer_as, p.version, p.name) for p in peers] == [
+        ("10.0.0.12", "10.0.0.11", 65002, 4, "d2"), ("10.0.0.13", "10.0.0.11", 64512, 4, "d3"),
+        ("fd00:7::12", "fd00:7::11", 65002, 6, "d2"), ("fd00:7::14", "fd00:7::11", 64512, 6, "d4")]
+    # An IPv6-only node peers over IPv6 only; an IPv4-only one over IPv4 only.
+    assert [p.address for p in desired_peers(DUAL[3], DUAL, None, [])] == ["fd00:7::11", "fd00:7::12"]
+    assert [p.address for p in desired_peers(DUAL[2], DUAL, None, [])] == ["10.0.0.11", "10.0.0.12"]
+    # A node with neither address has no BGP; one whose IPv6 is "none" (the default) keeps its IPv4 mesh as before.
+    assert desired_peers(dual("x", None, None), DUAL, None, []) == []
+
+
+def test_bgp_peers_with_ipv6_addresses_and_ports() -> None:
+    resources = [
+        {"metadata": {"name": "tor6"}, "spec": {"peerIP": "fd00:7::1", "asNumber": 65100}},
+        {"metadata": {"name": "tor6-port"}, "spec": {"peerIP": "[FD00:7::2]:179", "asNumber": 65101}},
+        {"metadata": {"name": "tor4-port"}, "spec": {"peerIP": "10.0.0.1:179", "asNumber": 65102}},
+        {"metadata": {"name": "racks"}, "spec": {"peerSelector": "rr == 'true'"}},
+    ]
+    config = {"spec": {"nodeToNodeMeshEnabled": False}}
+    peers = {p.address: p for p in desired_peers(DUAL[0], DUAL, config, resources)}
+    assert set(peers) == {"fd00:7::1", "fd00:7::2", "10.0.0.1", "fd00:7::14"}  # canonical, ports dropped
+    assert peers["fd00:7::2"].local_address == "fd00:7::11" and peers["10.0.0.1"].local_address == "10.0.0.11"
+    # An IPv6 peerIP on a node without an IPv6 address: no session (it could not be sourced).
+    assert {p.address for p in desired_peers(DUAL[2], DUAL, config, resources)} == {"10.0.0.1"}
+    assert node_problem({"metadata": {"name": "n"}, "spec": {"bgp": {"ipv6Address": "10.0.0.1/24"}}})
+    assert node_problem({"metadata": {"name": "n"}, "spec": {"bgp": {"ipv6Address": "fd00::1/64"}}}) is None
+    assert peer_problem({"metadata": {"name": "p"}, "spec": {"peerIP": "[fd00::1]:179", "asNumber": 1}}) is None
+    assert peer_problem({"metadata": {"name": "p"}, "spec": {"peerIP": "[fd00::zz]:179", "asNumber": 1}})
+
+
+def test_exabgp_config_carries_one_family_per_session_and_the_ipv4_router_id() -> None:
+    peers = desired_peers(DUAL[0], DUAL, None, [])
+    text = render_exabgp("10.0.0.11", peers, ["relay"])
+    blocks = {block.split(" {", 1)[0]: block for block in text.split("neighbor ")[1:]}
+    assert "family { ipv6 unicast; }" in blocks["fd00:7::12"] and "ipv4" not in blocks["fd00:7::12"]
+    assert "local-address fd00:7::11;" in blocks["fd00:7::12"] and "router-id 10.0.0.11;" in blocks["fd00:7::12"]
+    assert "family { ipv4 unicast; }" in blocks["10.0.0.12"] and "ipv6" not in blocks["10.0.0.12"]
+    # An IPv6-only node derives a 32-bit router id from its name: stable, and not one of another node's.
+    assert router_id_for("10.0.0.11", "d1") == "10.0.0.11"
+    derived = router_id_for(None, "d4")
+    assert derived == router_id_for(None, "d4") != router_id_for(None, "d5")
+    assert ipaddress.IPv4Address(derived)
+
+
+def test_ipv6_announcements_and_the_ipv6_import_filter() -> None:
+    blocks = [ipaddress.ip_network(b) for b in ("10.244.1.0/26", "fd00:10:244::40/122", "fd00:99::/122")]
+    local = [ipaddress.ip_address("fd00:10:244::1:5"), ipaddress.ip_address("fd00:10:244::45")]
+    # Our IPv6 block, and a /128 for an address borrowed from another node's block; nothing outside the pools.
+    assert announcements(blocks, POOLS6, local) == {"10.244.1.0/26", "fd00:10:244::40/122",
+                                                    "fd00:10:244::1:5/128"}
+    verdicts = PoolFilter(POOLS6)
+    assert verdicts.reason("fd00:10:244::80/122") is None  # a block
+    assert verdicts.reason("fd00:10:244::1:5/128") is None  # a borrowed address
+    assert verdicts.reason("fd00:10:244::/120") is None  # an aggregate of blocks
+    assert verdicts.reason("::/0") == DEFAULT_ROUTE
+    assert verdicts.reason("fd00:99::/64") == OUTSIDE_POOLS
+    assert verdicts.reason("fd00:7::12/128") == OUTSIDE_POOLS  # a node's address
+    assert verdicts.reason("fd00:10:244::/64") == WHOLE_POOL
+    assert verdicts.reason("fd00:10:244::80/124") == MORE_SPECIFIC  # between the block size and /128
+    assert verdicts.reason("fd00:10:244::81/122") == MALFORMED  # host bits set
+    assert verdicts.reason("10.244.0.0/26") is None and verdicts.reason("fd00:10:245::/122") == OUTSIDE_POOLS
+    assert canonical_prefix("FD00:10:244:0::80/122", 6) == "fd00:10:244::80/122"
+    assert canonical_prefix("fd00:10:244::80/122") is None  # not an IPv4 network
+    assert canonical_prefix("10.244.0.0/26", 6) is None
+
+
+def test_exabgp_ipv6_updates_are_validated_like_ipv4(tmp_path: Path) -> None:
+    speaker = ExaBGP(tmp_path, "10.0.0.11", on_routes=lambda: None)
+    speaker.set_peers(desired_peers(DUAL[0], DUAL, None, []))
+
+    def update(peer: str, family: str, announce: dict | None = None, withdraw: list | None = None,
+               attribute: object = None) -> bytes:
+        body: dict = {"announce": {family: announce}} if announce else {}
+        if withdraw:
+            body["withdraw"] = {family: withdraw}
+        body["attribute"] = {"origin": "igp"} if attribute is None else attribute
+        return json.dumps({"type": "update", "neighbor": {"address": {"peer": peer}, "message": {"update": body}}}
+                          ).encode()
+
+    speaker._handle(update("fd00:7::12", "ipv6 unicast", {"fd00:7::12": [
+        "FD00:10:244:0:0:0:0:80/122",  # canonicalised
+        "10.244.5.0/26",  # an IPv4 prefix under ipv6 unicast: not ours to guess
+        "fd00:10:244::c1/122", "bogus"]}))  # host bits set, not a prefix
+    assert speaker.learned() == {"fd00:10:244::80/122": ("fd00:7::12",)}
+    # Next hops that name nowhere a route could go are ignored: link-local (no interface), loopback, unspecified,
+    # multicast, IPv4-mapped, and an IPv4 address under ipv6 unicast.
+    for bad in ("fe80::1", "::1", "::", "ff02::1", "::ffff:10.0.0.12", "10.0.0.12", "nonsense"):
+        speaker._handle(update("fd00:7::14", "ipv6 unicast", {bad: ["fd00:10:244::100/122"]}))
+    assert "fd00:10:244::100/122" not in speaker.learned()
+    # An IPv6 prefix under ipv4 unicast is not taken either.
+    speaker._handle(update("10.0.0.12", "ipv4 unicast", {"10.0.0.12": ["fd00:10:244::140/122"]}))
+    assert "fd00:10:244::140/122" not in speaker.learned()
+    # Equal paths from two IPv6 peers: both next hops (ECMP).
+    speaker._handle(update("fd00:7::14", "ipv6 unicast", {"fd00:7::14": ["fd00:10:244::80/122"]}))
+    assert speaker.learned()["fd00:10:244::80/122"] == ("fd00:7::12", "fd00:7::14")
+    # A malformed attribute withdraws the routes it came with (RFC 7606), as for IPv4.
+    speaker._handle(update("fd00:7::14", "ipv6 unicast", {"fd00:7::14": ["fd00:10:244::80/122"]},
+                           attribute={"local-preference": -1}))
+    assert speaker.learned()["fd00:10:244::80/122"] == ("fd00:7::12",)
+    speaker._handle(update("fd00:7::12", "ipv6 unicast", withdraw=["fd00:10:244::80/122"]))
+    assert speaker.learned() == {}
+
+
+def test_ipv6_routes_go_via_the_peers_ipv6_address_on_its_segment() -> None:
+    connected = [("eth1", ipaddress.IPv4Interface("10.0.0.11/24")), ("eth1", ipaddress.IPv6Interface("fd00:7::11/64")),
+                 ("eth0", ipaddress.IPv4Interface("172.20.20.3/24"))]
+    learned = {"fd00:10:244::80/122": ("fd00:7::12",), "fd00:10:244::c0/122": ("fd00:7::13", "fd00:7::12"),
+               "fd00:10:244::100/122": ("fd00:99::1",), "fd00:10:244::40/122": ("fd00:7::13",)}
+    routes = remote_routes(learned, connected, [ipaddress.ip_network("fd00:10:244::40/122")])
+    assert routes == {RouteSpec("fd00:10:244::80/122", device="eth1", gateway="fd00:7::12"),
+                      RouteSpec("fd00:10:244::c0/122", nexthops=(("fd00:7::12", "eth1"), ("fd00:7::13", "eth1")))}
+    # Our own IPv6 block is blackholed, as the IPv4 ones are.
+    assert RouteSpec("fd00:10:244::40/122", kind="blackhole") in desired_routes(
+        [], [ipaddress.ip_network("fd00:10:244::40/122")], set())
+    assert ip_command("replace", RouteSpec("fd00:10:244::80/122", device="eth1", gateway="fd00:7::12")) == (
+        "-6 route replace fd00:10:244::80/122 via fd00:7::12 dev eth1 proto 80 onlink")
+
+
+def test_reflection_keeps_each_family_on_its_own_sessions() -> None:
+    peers = [PeerSpec("10.0.0.12", 64512, 64512, "10.0.0.11", MESH, "c1", rr_client=True),
+             PeerSpec("fd00:7::12", 64512, 64512, "fd00:7::11", MESH, "c1", rr_client=True),
+             PeerSpec("fd00:7::13", 64512, 64512, "fd00:7::11", MESH, "c2", rr_client=True)]
+    rib = {"fd00:7::12": {"fd00:10:244::80/122": BGPPath("fd00:7::12")},
+           "10.0.0.12": {"10.244.1.0/26": BGPPath("10.0.0.12")}}
+    out = reflections(rib, peers, "224.0.0.1", "10.0.0.11")
+    assert set(out["fd00:7::13"]) == {"fd00:10:244::80/122"}  # the IPv4 block is not offered over IPv6
+    assert out["10.0.0.12"] == {} and out["fd00:7::12"] == {}

@@ -150,6 +150,12 @@ def default_pool6(env: dict[str, str]) -> dict[str, Any] | None:
     cidr = env.get("CALICO_IPV6POOL_CIDR", "").strip()
     if _bool(env, "NO_DEFAULT_POOLS", False) or not cidr:
         return None
+    try:
+        version = ipaddress.ip_network(cidr).version
+    except ValueError:
+        version = 0
+    if version != 6:
+        raise ConfigError(f"CALICO_IPV6POOL_CIDR={cidr!r}: give an IPv6 network such as fd00:10:244::/64")
     spec: dict[str, Any] = {
         "cidr": cidr,
         "blockSize": _int(env, "CALICO_IPV6POOL_BLOCK_SIZE", 122, 116, 128),
@@ -161,9 +167,7 @@ def default_pool6(env: dict[str, str]) -> dict[str, Any] | None:
     document = {"apiVersion": "projectcalico.org/v3", "kind": "IPPool",
                 "metadata": {"name": "default-ipv6-ippool"}, "spec": spec}
     try:
-        pool = IPPool.from_v3(document)
+        IPPool.from_v3(document)
     except IPAMError as exc:
         raise ConfigError(f"CALICO_IPV6POOL_*: {exc}") from None
-    if pool.version != 6:
-        raise ConfigError(f"CALICO_IPV6POOL_CIDR={cidr!r}: give an IPv6 network such as fd00:10:244::/64")
     return document

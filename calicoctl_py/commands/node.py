@@ -41,7 +41,8 @@ def print_status(status: dict[str, Any] | None) -> int:
         return 1
     print("calico-py process is running.")
     print()
-    print(f"Node: {status.get('node')}   address: {status.get('address') or '-'}   "
+    address6 = f"   IPv6: {status['address6']}" if status.get("address6") else ""
+    print(f"Node: {status.get('node')}   address: {status.get('address') or '-'}{address6}   "
           f"ready: {str(status.get('ready')).lower()}   uptime: {status.get('uptime_seconds', 0):.0f}s")
     rec = status.get("reconcile") or {}
     print(f"Routes: {rec.get('routes', 0)} owned, last reconcile {rec.get('last_seconds', 0) * 1000:.1f} ms, "

@@ -139,3 +139,53 @@ def test_node_status_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert out[out.index("IPv4 BGP status") + 2].split() == ["10.0.0.12", "node-to-node", "mesh", "up", "08:00:01",
                                                             "Established"]
     assert "No IPv6 peers found." in out
+
+
+def test_ip6_and_the_default_ipv6_pool_settings() -> None:
+    base = {"NODENAME": "n1", "IP": "10.0.0.11"}
+    config = Config.from_env(base)
+    assert config.ip6 == "none" and config.default_pool6 is None  # Calico's default: no IPv6
+    config = Config.from_env({**base, "IP6": "fd00:7::11/64", "CALICO_IPV6POOL_CIDR": "fd00:10:244::/64"})
+    assert config.ip6 == "fd00:7::11/64"
+    assert config.default_pool6 is not None
+    assert config.default_pool6["metadata"]["name"] == "default-ipv6-ippool"
+    assert config.default_pool6["spec"]["blockSize"] == 122 and config.default_pool6["spec"]["natOutgoing"] is False
+    assert Config.from_env({**base, "IP6": "autodetect", "IP6_AUTODETECTION_METHOD": "interface=eth1"}).ip6 == \
+        "autodetect"
+    assert Config.from_env({**base, "CALICO_IPV6POOL_CIDR": "fd00::/64", "NO_DEFAULT_POOLS": "true"}
+                           ).default_pool6 is None
+    for bad, named in (({"IP6": "10.0.0.11"}, "IP6="), ({"IP6": "fd00::zz"}, "IP6="),
+                       ({"IP6_AUTODETECTION_METHOD": "kubernetes-internal-ip"}, "IP6_AUTODETECTION_METHOD"),
+                       ({"CALICO_IPV6POOL_CIDR": "10.245.0.0/16"}, "CALICO_IPV6POOL_CIDR"),
+                       ({"CALICO_IPV6POOL_CIDR": "fd00::/64", "CALICO_IPV6POOL_BLOCK_SIZE": "100"},
+                        "CALICO_IPV6POOL_BLOCK_SIZE")):
+        with pytest.raises(ConfigError, match=named):
+            Config.from_env({**base, **bad})
+
+
+def test_ipv6_autodetection_and_the_node_resource() -> None:
+    candidates = [(name, ipaddress.ip_interface(address)) for name, address in (
+        ("lo", "::1/128"), ("eth1", "fe80::1/64"), ("cali1", "fd00:10:244::5/128"), ("eth0", "fd00:20::3/64"),
+        ("eth1", "fd00:7::11/64"))]
+    assert choose(candidates, "first-found") == ipaddress.IPv6Interface("fd00:20::3/64")  # link-local never
+    assert choose(candidates, "interface=eth1") == ipaddress.IPv6Interface("fd00:7::11/64")
+    assert choose(candidates, "cidr=fd00:7::/64") == ipaddress.IPv6Interface("fd00:7::11/64")
+    assert choose(candidates, "cidr=10.0.0.0/8") is None
+    node = node_resource("n1", ipaddress.IPv4Interface("10.0.0.11/24"), ipaddress.IPv6Interface("fd00:7::11/64"),
+                         None, {}, None)
+    assert node["spec"]["bgp"] == {"ipv4Address": "10.0.0.11/24", "ipv6Address": "fd00:7::11/64"}
+
+
+def test_node_status_lists_ipv6_sessions_under_their_heading(capsys: pytest.CaptureFixture[str]) -> None:
+    from calicoctl_py.commands.node import print_status
+    status = {"node": "node1", "address": "10.0.0.11/24", "address6": "fd00:7::11/64", "ready": True, "bgp": True,
+              "peers": [{"address": "10.0.0.12", "family": "IPv4", "type": "node-to-node mesh", "state": "up",
+                         "since": "08:00:01", "info": "Established"},
+                        {"address": "fd00:7::12", "family": "IPv6", "type": "node-to-node mesh", "state": "up",
+                         "since": "08:00:02", "info": "Established"}]}
+    assert print_status(status) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "IPv6: fd00:7::11/64" in out[2]
+    v4, v6 = out.index("IPv4 BGP status"), out.index("IPv6 BGP status")
+    assert out[v4 + 2].split()[0] == "10.0.0.12" and out[v6 + 2].split()[0] == "fd00:7::12"
+    assert "fd00:7::12" not in "\n".join(out[v4:v6])

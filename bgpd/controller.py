@@ -4,8 +4,9 @@ One replica. Every ``CONTROLLER_INTERVAL`` seconds it reads IPAM (one etcd snaps
 lists (through :mod:`bgpd.kube`), computes what to do with the pure :func:`plan_actions`, and applies it:
 
 - a pod's addresses (a handle whose allocation carries the ``namespace`` / ``pod`` attributes the CNI plugin
-  sets) are released, and its WorkloadEndpoint deleted, once the pod has been missing, on another node, or
-  finished (Succeeded / Failed) for ``CONTROLLER_GC_GRACE`` seconds in a row;
+  sets) are released, and its WorkloadEndpoint deleted, once the pod has been missing, on another node,
+  finished (Succeeded / Failed), or replaced by a newer sandbox (its endpoint names another container) for
+  ``CONTROLLER_GC_GRACE`` seconds in a row;
 - a node known to Calico (a Node resource or block affinities) but not to Kubernetes for as long is removed:
   its addresses (tunnel addresses too), affinities, empty blocks, endpoints and Node resource
   (:func:`ipam.nodes.remove_node`).
@@ -137,7 +138,7 @@ def calico_nodes(state: IPAMState) -> frozenset[str]:
 @dataclass(frozen=True)
 class ReleasePod:
     allocation: PodAllocation
-    reason: str  # pod-missing, pod-on-other-node, pod-finished
+    reason: str  # pod-missing, pod-on-other-node, pod-finished, pod-replaced
     missing_for: float
     endpoints: tuple[EndpointRecord, ...] = ()
 
@@ -159,8 +160,20 @@ class Plan:
     missing_since: dict[str, float]
 
 
-def stale_reason(allocation: PodAllocation, pods: Mapping[tuple[str, str], KubePod]) -> str | None:
-    """Why the pod no longer needs this handle's addresses, or None while it does."""
+def current_sandboxes(endpoints: Iterable[EndpointRecord]) -> dict[tuple[str, str, str], set[str]]:
+    """(namespace, pod, node) -> the container ids its WorkloadEndpoints name now. An ADD writes its endpoint in
+    the same transaction as its addresses, so a newer sandbox of the pod has replaced the older one's id here."""
+    found: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+    for record in endpoints:
+        wep = record.endpoint
+        found[(wep.namespace, wep.pod, wep.node)].add(wep.container_id)
+    return found
+
+
+def stale_reason(allocation: PodAllocation, pods: Mapping[tuple[str, str], KubePod],
+                 sandboxes: Mapping[tuple[str, str, str], set[str]] | None = None) -> str | None:
+    """Why the pod no longer needs this handle's addresses, or None while it does. ``sandboxes``: see
+    :func:`current_sandboxes`."""
     pod = pods.get((allocation.namespace, allocation.pod))
     if pod is None:
         return "pod-missing"
@@ -169,6 +182,11 @@ def stale_reason(allocation: PodAllocation, pods: Mapping[tuple[str, str], KubeP
         return "pod-on-other-node"
     if pod.phase in FINISHED_PHASES:
         return "pod-finished"
+    # The same pod name on the same node, recreated (or its sandbox restarted) without a DEL for the old sandbox:
+    # the endpoint names a newer container, so this handle's sandbox is gone. No endpoint at all proves nothing.
+    current = (sandboxes or {}).get((allocation.namespace, allocation.pod, allocation.node or ""))
+    if current and allocation.container_id not in current:
+        return "pod-replaced"
     return None
 
 
@@ -191,10 +209,11 @@ def plan_actions(observed: Observed, missing_since: Mapping[str, float], now: fl
                 removed.add(node)
                 actions.append(RemoveNode(node, missing_for,
                                           tuple(e for e in observed.endpoints if e.endpoint.node == node)))
+    sandboxes = current_sandboxes(observed.endpoints)
     for allocation in observed.allocations:
         if allocation.node in removed:
             continue  # removing the node releases these
-        reason = stale_reason(allocation, observed.pods)
+        reason = stale_reason(allocation, observed.pods, sandboxes)
         if reason is None:
             continue
         missing_for = overdue(f"pod:{allocation.handle}")

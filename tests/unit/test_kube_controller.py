@@ -106,6 +106,24 @@ def test_only_the_released_sandboxs_endpoint_goes() -> None:
     assert isinstance(action, ReleasePod) and action.endpoints == (old,)
 
 
+def test_a_sandbox_replaced_without_a_del_is_released_and_its_successor_kept() -> None:
+    """The pod was recreated under its name on the same node and the old sandbox's DEL never came: the endpoint
+    now names the new container, so the old handle is stale; the new one is not."""
+    old, new = allocation("web", container="c-old"), allocation("web", container="c-new", address="10.244.0.2")
+    seen = observed([pod("default", "web")], [old, new], endpoints=(endpoint("web", "node-a", "c-new"),))
+    first = plan_actions(seen, {}, now=0.0, grace=GRACE)
+    assert first.actions == [] and first.missing_since == {"pod:k8s-pod-network.c-old": 0.0}
+    due = plan_actions(seen, first.missing_since, now=GRACE, grace=GRACE)
+    assert [(a.allocation.handle, a.reason) for a in due.actions  # type: ignore[union-attr]
+            ] == [("k8s-pod-network.c-old", "pod-replaced")]
+
+
+def test_a_pod_without_an_endpoint_is_not_judged_replaced() -> None:
+    # The IPAM plugin used on its own writes no endpoint: no endpoint proves nothing about the sandbox.
+    seen = observed([pod("default", "web")], [allocation("web", container="c-1"), allocation("web", container="c-2")])
+    assert plan_actions(seen, {}, now=0.0, grace=0.0).actions == []
+
+
 def test_a_node_gone_from_kubernetes_is_removed_after_the_grace_period_with_its_pods() -> None:
     seen = observed([pod("default", "web", node="node-b")],
                     [allocation("web", node="node-b"), allocation("db", node="node-a", address="10.244.0.2")],

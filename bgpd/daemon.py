@@ -30,13 +30,14 @@ from bgpd.cni.server import CNIServer
 from bgpd.config import Config, ConfigError
 from bgpd.health import HealthServer, Metrics, PeerHealth, Probe
 from bgpd.kube import Kube, KubeError, KubeNode
-from bgpd.overlay import NODES, POOLS, Overlay, interface_mtu, watch
+from bgpd.overlay import NODES, POOLS, Overlay, interface_mtu
 from bgpd.reconciler import RouteReconciler
 from bgpd.resources import node_resource, node_settings, register_node
 from bgpd.speaker.exabgp import ExaBGP
 from bgpd.speaker.peers import router_id_for
 from bgpd.speaker.sync import BGPSync
 from bgpd.status import StatusServer
+from bgpd.watch import wake_on_change
 from ipam import keys
 from ipam.allocator import IPAM
 from ipam.datastore import Datastore
@@ -163,10 +164,8 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None, kube: Kub
                                         "calico-py is running on this node")
             except KubeError as exc:
                 log.warning("could not clear the NetworkUnavailable condition: %s", exc)
-        def changed() -> None:
+        def changed() -> None:  # a CNI ADD or DEL; the BGP sync hears of it from its etcd watch
             reconciler.wake()
-            if bgp:
-                bgp.wake()
 
         metrics = Metrics(lambda: snapshot())
         handler = CNIHandler(ipam, config.nodename, netlink,
@@ -216,10 +215,10 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None, kube: Kub
         reconcile_task = asyncio.create_task(reconciler.run())
         bgp_task = asyncio.create_task(bgp.run()) if bgp else None
         # Pools, Nodes and block affinities drive encapsulation and NAT: a change (a pool's mode applied with
-        # calicoctl-py, a node's new block or VTEP) gets a full reconcile within a second. Blocks themselves
-        # change with every allocation anywhere, so they are not watched: an address borrowed by another node
-        # reaches the routes at the next periodic reconcile.
-        watch_task = asyncio.create_task(watch(store, [NODES, POOLS, keys.HOSTS], reconciler.wake)) \
+        # calicoctl-py, a node's new block or VTEP) wakes a full reconcile as soon as the etcd watch reports it.
+        # Blocks themselves change with every allocation anywhere, so they are not watched: an address borrowed
+        # by another node reaches the routes at the next periodic reconcile.
+        watch_task = asyncio.create_task(wake_on_change(store, [NODES, POOLS, keys.HOSTS], reconciler.wake)) \
             if overlay else None
         await stop.wait()
         log.info("stopping")

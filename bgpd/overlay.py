@@ -8,7 +8,6 @@ The routes are returned to the reconciler, which owns every route of ours.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import logging
@@ -175,19 +174,3 @@ class Overlay:
                           mtu=self.underlay_mtu - encap.VXLAN_OVERHEAD)
         if await self.netlink.run(lambda ipr: vxlan.ensure_device(ipr, vtep)):
             log.info("vxlan: %s up, VTEP %s %s, MTU %d", encap.VXLAN_DEVICE, vtep.address, vtep.mac, vtep.mtu)
-
-
-async def watch(store: Datastore, prefixes: list[str], on_change: Callable[[], None], interval: float = 1.0) -> None:
-    """Call ``on_change`` when anything under ``prefixes`` is created, changed or deleted (polled: one consistent
-    read per ``interval``; an etcd watch would cost less on large clusters)."""
-    last: tuple[tuple[str, int], ...] | None = None
-    while True:
-        try:
-            snapshot = await store.read(prefixes=prefixes)
-            fingerprint = tuple((kv.key, kv.mod_revision) for p in prefixes for kv in snapshot.prefixes[p])
-            if last is not None and fingerprint != last:
-                on_change()
-            last = fingerprint
-        except Exception as exc:  # the datastore may be away: the reconciler reports that; try again later
-            log.debug("watch read failed: %s", exc)
-        await asyncio.sleep(interval)

@@ -1,5 +1,8 @@
 """Keeps the BGP speaker in step with the datastore: peers (mesh, BGPPeers), announcements (our blocks), and the
-filter for what is accepted (the pools). Polls one consistent read every second; a watch comes later."""
+filter for what is accepted (the pools). One consistent read per sync: at start, whenever an etcd watch sees a
+change under what it reads (or a CNI ADD wakes it), and every ``resync_interval`` seconds as a safety net; only
+what time alone changes (stale graceful-restart routes expiring, session resets to count) is looked at every
+second, without reading etcd."""
 
 from __future__ import annotations
 
@@ -28,13 +31,17 @@ from bgpd.speaker.peers import (
     peer_problem,
     secret_ref,
 )
+from bgpd.watch import wake_on_change
 from ipam import keys
-from ipam.datastore import Datastore
+from ipam.datastore import Datastore, WatchEvent
 from ipam.errors import DatastoreUnavailable, InvalidResource
 from ipam.model import BlockAffinity, IPPool
 
 log = logging.getLogger("calico-py-node.bgp")
 REJECTIONS_LOGGED = 20  # warnings per pass; a peer flooding bad routes gets one line for the rest
+# A sync reads etcd when the watch reports a change; this often regardless, in case one slipped past the watch
+# (and to pick up a password secret file changed on disk, which no watch sees).
+RESYNC_SECONDS = 30.0
 # ExaBGP's reason for a session it closed over a bad UPDATE: "notification sent (3,<subcode>) ..." (RFC 4271 6.3)
 MALFORMED_NOTIFICATION = re.compile(r"notification sent \(3,|UPDATE message error", re.IGNORECASE)
 
@@ -65,7 +72,8 @@ def read_secret(directory: Path, name: str, key: str) -> str | None:
 
 class BGPSync:
     def __init__(self, store: Datastore, speaker: ExaBGP, node: str, interval: float = 1.0,
-                 secrets_dir: Path = Path("/etc/calico-py/secrets")) -> None:
+                 secrets_dir: Path = Path("/etc/calico-py/secrets"), resync_interval: float = RESYNC_SECONDS) -> None:
+        self.resync_interval = resync_interval
         self.secrets_dir = secrets_dir
         self._wake = asyncio.Event()
         self.store = store
@@ -78,6 +86,7 @@ class BGPSync:
         self._downs_seen: dict[str, int] = {}  # peer -> its session losses already looked at
         self._problems_logged: set[str] = set()  # unusable resources already warned about (sync runs every second)
         self._filter = PoolFilter([])
+        self._affine_blocks: list[Any] = []  # this node's confirmed blocks at the last sync (see relevant())
         speaker.reflect_accept = lambda peer, prefix, path: self._filter.reason(prefix, len(path.as_path)) is None
 
     @property
@@ -182,6 +191,7 @@ class BGPSync:
             _, cidr = keys.parse_affinity_key(kv.key)
             if BlockAffinity.from_json(self.node, cidr, kv.json()).confirmed:
                 blocks.append(cidr)
+        self._affine_blocks = blocks
         self.speaker.cluster_id = me.rr_cluster_id
         self.speaker.set_graceful_restart(restart_seconds((config or {}).get("spec", {}).get("nodeMeshMaxRestartTime")))
         self.speaker.expire_stale()
@@ -223,20 +233,63 @@ class BGPSync:
         return usable
 
     def wake(self) -> None:
-        """Sync now (a new block to announce) instead of at the next poll."""
+        """Sync now: the watch saw a change, or a CNI ADD took a new block to announce."""
         self._wake.set()
 
-    async def run(self) -> None:
-        while True:
+    def watched_prefixes(self) -> list[str]:
+        """Where everything :meth:`sync_once` reads lives: a change under any of these wakes a sync."""
+        return [keys.resource_prefix(plural) for plural in ("nodes", "bgppeers", "ippools", "bgpconfigurations",
+                                                            "workloadendpoints")] + [keys.host_prefix(self.node)]
+
+    def relevant(self, event: WatchEvent) -> bool:
+        """Whether a watched change can matter here. Every pod started anywhere writes a WorkloadEndpoint; only
+        this node's with an address outside its blocks (borrowed: announced as a /32 or /128) changes what the
+        node announces; any other change wakes the sync. A new block shows as an affinity change."""
+        if not event.key.startswith(keys.resource_prefix("workloadendpoints")):
+            return True
+        values = [kv for kv in (event.kv, event.prev) if kv is not None and kv.value]
+        if not values:
+            return True  # a delete whose previous value etcd no longer had: cannot tell whose it was
+        for kv in values:
             try:
-                await self.sync_once()
-            except DatastoreUnavailable as exc:  # an outage: sessions and announcements stay as they are
-                log.warning("bgp sync postponed, peers and announcements kept: %s", exc)
-            except Exception:
-                log.exception("bgp sync failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
-            self._wake.clear()
+                spec = (kv.json() or {}).get("spec") or {}
+                if spec.get("node") == self.node and not all(
+                        any(ipaddress.ip_interface(n).ip in block for block in self._affine_blocks)
+                        for n in spec.get("ipNetworks") or []):
+                    return True
+            except (ValueError, AttributeError, TypeError):
+                return True  # cannot tell: sync, and sync_once judges the resource
+        return False
+
+    async def run(self) -> None:
+        """Sync at start, on every wake (the etcd watch, a CNI ADD, etcd answering again after an outage) and
+        every ``resync_interval`` seconds; every ``interval`` seconds in between, only what time alone changes."""
+        self.store.on_recovery(self.wake)
+        watcher = asyncio.create_task(wake_on_change(self.store, self.watched_prefixes(), self.wake, self.relevant))
+        next_sync = 0.0
+        try:
+            while True:
+                if self._wake.is_set() or time.monotonic() >= next_sync:
+                    self._wake.clear()  # a wake from here on means another sync
+                    next_sync = time.monotonic() + self.resync_interval
+                    try:
+                        await self.sync_once()
+                    except DatastoreUnavailable as exc:  # an outage: sessions and announcements stay as they are
+                        log.warning("bgp sync postponed, peers and announcements kept: %s", exc)
+                        next_sync = time.monotonic() + self.interval
+                    except Exception:
+                        log.exception("bgp sync failed")
+                        next_sync = time.monotonic() + self.interval
+                else:
+                    self.speaker.expire_stale()
+                    self.note_malformed()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(),
+                                           timeout=max(0.0, min(self.interval, next_sync - time.monotonic())))
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
     def status(self) -> list[dict[str, Any]]:
         return [{"address": address, "family": f"IPv{peer.spec.version}", "type": peer.spec.kind, "state": peer.state,

@@ -82,16 +82,16 @@ BATCH_THRESHOLD = 32  # beyond this many changes, one `ip -batch` beats a netlin
 
 
 def ip_command(verb: str, spec: RouteSpec) -> str:
-    """The ``ip route`` line for a spec (for ``ip -batch``)."""
-    family = "-6 " if ":" in spec.dst else ""
+    """The ``ip route`` line for a spec (for ``ip -batch``). No ``-6``: a batch line takes no options (``ip``
+    answers 'Object "-6" is unknown'), and ip infers the family from the destination (IPv6 too)."""
     if spec.kind == "blackhole":
-        return f"{family}route {verb} blackhole {spec.dst} proto {ROUTE_PROTO}"
+        return f"route {verb} blackhole {spec.dst} proto {ROUTE_PROTO}"
     if spec.nexthops:
         hops = " ".join(f"nexthop via {gateway} dev {device} onlink" for gateway, device in spec.nexthops)
-        return f"{family}route {verb} {spec.dst} proto {ROUTE_PROTO} {hops}"
+        return f"route {verb} {spec.dst} proto {ROUTE_PROTO} {hops}"
     if spec.gateway:
-        return f"{family}route {verb} {spec.dst} via {spec.gateway} dev {spec.device} proto {ROUTE_PROTO} onlink"
-    return f"{family}route {verb} {spec.dst} dev {spec.device} proto {ROUTE_PROTO} scope link"
+        return f"route {verb} {spec.dst} via {spec.gateway} dev {spec.device} proto {ROUTE_PROTO} onlink"
+    return f"route {verb} {spec.dst} dev {spec.device} proto {ROUTE_PROTO} scope link"
 
 
 def _devices_exist(spec: RouteSpec, names: dict[str, int]) -> bool:

@@ -7,6 +7,7 @@ block, and of what it announces node1 installs only what the IPv6 pool's filter 
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import os
 import time
@@ -112,8 +113,17 @@ def test_dual_stack_mesh_routes_and_pings_over_ipv6_and_ipv4(lab: Any, pods: Pod
     # prefix outside the pools (the IPv6 pool's import filter, as for IPv4).
     handle.wait_for(lambda: route6(handle, "node1", "fd00:10:244::ffc1").get("gateway") == BIRD6, timeout=30,
                     what="node1 to route BIRD's fd00:10:244::ffc0/122 via fd00:7::30")
+    # And the burst of 40 more blocks, applied in one `ip -batch` (whose lines once carried a "-6" ip refused).
+    blocks = ipaddress.ip_network("fd00:10:244:0:ff::/80").subnets(new_prefix=122)
+    burst = {str(block) for block in itertools.islice(blocks, 40)}
+
+    def bird_routes() -> set[str]:
+        out = handle.exec("node1", "ip", "-json", "-6", "route", "show", "proto", "80").stdout
+        return {r["dst"] for r in json.loads(out or "[]") if r.get("gateway") == BIRD6}
+    handle.wait_for(lambda: burst <= bird_routes(), timeout=30, what="node1 to install BIRD's 40 IPv6 blocks")
     installed = handle.exec("node1", "ip", "-6", "route", "show", "proto", "80").stdout
     assert "fd00:99::/64" not in installed and "default" not in installed, installed
+    assert "route change failed" not in (handle.lab.run_dir / "node1" / "calico-py-node.log").read_text()
 
     for node in NODES:
         deleted = Runtime(handle, bin_dir, node).call("DEL", DUAL_CONF, f"v6{node}", placed[node][0],

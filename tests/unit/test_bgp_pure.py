@@ -530,8 +530,11 @@ def test_ipv6_routes_go_via_the_peers_ipv6_address_on_its_segment() -> None:
     # Our own IPv6 block is blackholed, as the IPv4 ones are.
     assert RouteSpec("fd00:10:244::40/122", kind="blackhole") in desired_routes(
         [], [ipaddress.ip_network("fd00:10:244::40/122")], set())
+    # A line of `ip -batch` takes no "-6" (ip refuses the whole line): the destination tells ip the family.
     assert ip_command("replace", RouteSpec("fd00:10:244::80/122", device="eth1", gateway="fd00:7::12")) == (
-        "-6 route replace fd00:10:244::80/122 via fd00:7::12 dev eth1 proto 80 onlink")
+        "route replace fd00:10:244::80/122 via fd00:7::12 dev eth1 proto 80 onlink")
+    assert ip_command("del", RouteSpec("fd00:10:244::40/122", kind="blackhole")) == (
+        "route del blackhole fd00:10:244::40/122 proto 80")
 
 
 def test_reflection_keeps_each_family_on_its_own_sessions() -> None:

@@ -89,7 +89,7 @@ class DaemonCollector(Collector):
         yield GaugeMetricFamily("calico_py_bgp_routes_advertised", "Prefixes this node announces",
                                 value=float(s.get("advertised", 0)))
         kernel = GaugeMetricFamily("calico_py_kernel_routes", "Routes of ours in the kernel, by type, as of the "
-                                   "last full reconcile", labels=["type"])
+                                   "last reconcile (full, or the BGP fast path)", labels=["type"])
         for kind in ("blackhole", "workload", "remote", "tunnel"):
             kernel.add_metric([kind], float(s["reconcile"].get("by_type", {}).get(kind, 0)))
         yield kernel

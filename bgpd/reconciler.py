@@ -147,6 +147,7 @@ class RouteReconciler:
         """The fast path: apply the BGP prefixes that changed since the last run, nothing else."""
         add: list[desired.RouteSpec] = []
         remove: list[desired.RouteSpec] = []
+        replaced: list[desired.RouteSpec] = []
         for prefix, next_hops in self.learned_changes().items():
             if prefix in self._encapsulated:
                 continue
@@ -157,12 +158,20 @@ class RouteReconciler:
                 self._remote[prefix] = want
                 if want != have:
                     add.append(want)  # replaces a changed route in place: no gap in forwarding
+                    if have is not None:
+                        replaced.append(have)
             elif have is not None:
                 remove.append(have)
             else:  # a withdrawal of a route we do not know we hold: let a full run compare with the kernel
                 self._full_wanted = True
                 self._wake.set()
         self.stats.fast_runs += 1
+        # Keep the counts by type (/metrics) current between full runs: most remote routes come this way.
+        counts = Counter(self.stats.by_type)
+        counts.subtract(route_type(r) for r in remove + replaced)
+        counts.update(route_type(r) for r in add)
+        self.stats.by_type = {kind: count for kind, count in counts.items() if count > 0}
+        self.stats.routes = sum(self.stats.by_type.values())
         return await self._apply(desired.RouteDiff(add=tuple(add), remove=tuple(remove)))  # unsorted: bursts
 
     async def _apply(self, diff: desired.RouteDiff) -> int:

@@ -335,7 +335,8 @@ class Datastore:
         self._recovery_listeners: list[Callable[[], None]] = []
 
     def on_recovery(self, listener: Callable[[], None]) -> None:
-        """Call ``listener`` whenever etcd answers again after a request found it unreachable."""
+        """Call ``listener`` whenever etcd answers again after a request found it unreachable (or a watch found
+        no member to watch on)."""
         self._recovery_listeners.append(listener)
 
     @staticmethod
@@ -427,12 +428,16 @@ class Datastore:
             raise DatastoreUnavailable(
                 f"etcd unreachable after {self.config.failover_timeout:g}s (last error {errors[-1]}); "
                 f"check ETCD_ENDPOINTS={','.join(self.config.endpoints)} and that etcd is running") from None
+        self._answered(self.config.endpoints[index])
+        return response, ambiguous
+
+    def _answered(self, endpoint: str) -> None:
+        """etcd answered: if it was unreachable, tell the recovery listeners."""
         if self._unreachable:
             self._unreachable = False
-            log.info("etcd answers again at %s", self.config.endpoints[index])
+            log.info("etcd answers again at %s", endpoint)
             for listener in self._recovery_listeners:
                 listener()
-        return response, ambiguous
 
     async def read(self, keys: Sequence[str] = (), prefixes: Sequence[str] = ()) -> Snapshot:
         """Read single keys and whole prefixes in one round trip, all at one revision."""
@@ -500,6 +505,7 @@ class Datastore:
                         if update is None:  # every prefix is watched again
                             if failures:
                                 log.info("etcd watch resumed at %s", endpoint)
+                                self._answered(endpoint)
                             failures = 0
                             continue
                         yield update
@@ -514,6 +520,10 @@ class Datastore:
                 if failures == 1:
                     log.warning("etcd watch lost at %s (%s): resuming where it was once etcd answers", endpoint,
                                 exc)
+                if failures >= len(self.config.endpoints):
+                    # No member answers: an outage as far as the recovery listeners go. A daemon whose only
+                    # requests are its watches repairs drift from the outage (a full reconcile) when it resumes.
+                    self._unreachable = True
                 if self._current == index:
                     self._current = (index + 1) % len(self.config.endpoints)
                     self.failovers += 1

@@ -135,9 +135,12 @@ async def test_a_watch_from_a_revision_starts_there(etcd_endpoints: list[str]) -
 
 async def test_a_restart_of_etcd_loses_nothing(etcd_single: EtcdCluster) -> None:
     """The only member goes down between writes and comes back on its data: the watch resumes after the last
-    revision it delivered; every write arrives exactly once, in order."""
+    revision it delivered; every write arrives exactly once, in order. A client that only watches tells its
+    recovery listeners (the daemon's full reconcile repairs drift from the outage) once it watches again."""
+    recoveries: list[int] = []
     async with Datastore(config(etcd_single.endpoints)) as writer, \
             Datastore(config(etcd_single.endpoints)) as reader, collecting(reader, [PODS]) as watch:
+        reader.on_recovery(lambda: recoveries.append(len(watch.updates)))
         await watch.wait_for(lambda: bool(watch.updates), "the listing")
         written = [await writer.put(f"{PODS}{i % 5}", str(i).encode()) for i in range(20)]
         await watch.until_revision(written[-1])
@@ -149,6 +152,8 @@ async def test_a_restart_of_etcd_loses_nothing(etcd_single: EtcdCluster) -> None
         await watch.until_revision(written[-1])
         assert watch.event_revisions() == written
         assert [u.resync is not None for u in watch.updates].count(True) == 1  # the first listing only
+        await watch.wait_for(lambda: bool(recoveries), "the recovery listener")
+        assert len(recoveries) == 1
         assert watch.state() == await current_state(writer, [PODS])
 
 

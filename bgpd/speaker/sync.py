@@ -1,8 +1,8 @@
 """Keeps the BGP speaker in step with the datastore: peers (mesh, BGPPeers), announcements (our blocks), and the
 filter for what is accepted (the pools). One consistent read per sync: at start, whenever an etcd watch sees a
-change under what it reads (or a CNI ADD wakes it), and every ``resync_interval`` seconds as a safety net; only
-what time alone changes (stale graceful-restart routes expiring, session resets to count) is looked at every
-second, without reading etcd."""
+change under what it reads, when etcd answers again after an outage, and every ``resync_interval`` seconds as a
+safety net; only what time alone changes (stale graceful-restart routes expiring, session resets to count) is
+looked at every second, without reading etcd."""
 
 from __future__ import annotations
 
@@ -233,7 +233,7 @@ class BGPSync:
         return usable
 
     def wake(self) -> None:
-        """Sync now: the watch saw a change, or a CNI ADD took a new block to announce."""
+        """Sync now: the watch saw a change (a new block to announce), or etcd is back after an outage."""
         self._wake.set()
 
     def watched_prefixes(self) -> list[str]:
@@ -262,7 +262,7 @@ class BGPSync:
         return False
 
     async def run(self) -> None:
-        """Sync at start, on every wake (the etcd watch, a CNI ADD, etcd answering again after an outage) and
+        """Sync at start, on every wake (the etcd watch, etcd answering again after an outage) and
         every ``resync_interval`` seconds; every ``interval`` seconds in between, only what time alone changes."""
         self.store.on_recovery(self.wake)
         watcher = asyncio.create_task(wake_on_change(self.store, self.watched_prefixes(), self.wake, self.relevant))

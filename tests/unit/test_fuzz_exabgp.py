@@ -206,3 +206,42 @@ def test_deeply_nested_json_does_not_raise() -> None:
     fed = speaker()
     assert fed._handle(b"[" * 100_000 + b"]" * 100_000) is False  # RecursionError inside json, not ValueError
     assert fed._handle(message("10.0.0.12", {"announce": {"ipv4 unicast": {"10.0.0.12": [[[[["x"]]]]]}}})) is False
+
+
+# ------------------------------------------------------------------ IPv6 (the dual-stack path)
+
+valid_prefixes6 = st.builds(lambda address, length: str(ipaddress.ip_network(f"{address}/{length}", strict=False)),
+                            st.ip_addresses(v=6), st.integers(0, 128))
+nlri6 = (valid_prefixes6 | junk_prefixes | st.sampled_from(["fd00::/129", "fd00:::/64", "FD00::/64", "10.244.1.0/26"])
+         | st.builds(lambda p: {"nlri": p}, valid_prefixes6 | junk_prefixes))
+next_hops6 = st.sampled_from(["fd00::12", "fd00::13", "2001:db8::7", "::", "::1", "fe80::1", "ff02::1",
+                              "::ffff:10.0.0.12", "10.0.0.12", "fd00::12%eth1", "fd00::g"]) | st.text(max_size=15)
+
+
+def assert_learned6_is_sane(learned: dict[str, tuple[str, ...]]) -> None:
+    """IPv6 prefixes come out canonical, each with usable global IPv6 next hops (never link-local, v4-mapped,
+    loopback, unspecified or multicast)."""
+    for prefix, next_hops in learned.items():
+        assert canonical_prefix(prefix, ipaddress.ip_network(prefix).version) == prefix, prefix
+        for next_hop in next_hops:
+            address = ipaddress.IPv6Address(next_hop)
+            assert not (address.is_unspecified or address.is_loopback or address.is_multicast
+                        or address.is_link_local or address.ipv4_mapped), next_hop
+
+
+@FUZZ
+@given(st.sampled_from(PEERS), st.dictionaries(next_hops6, st.lists(nlri6, max_size=5) | json_values, max_size=3),
+       attributes, st.lists(nlri6, max_size=4) | json_values)
+def test_garbage_in_ipv6_updates_never_raises_and_learns_only_sane_routes(
+        peer: str, announce: dict[str, Any], attribute: Any, withdraw: Any) -> None:
+    fed = speaker()
+    fed._handle(message(peer, {"announce": {"ipv6 unicast": announce}, "attribute": attribute,
+                               "withdraw": {"ipv6 unicast": withdraw}}))
+    assert_learned6_is_sane(fed.learned())
+
+
+def test_a_good_ipv6_update_is_learned_and_a_bad_next_hop_is_not() -> None:
+    fed = speaker()
+    fed._handle(message("10.0.0.12", {"announce": {"ipv6 unicast": {
+        "fd00::12": ["fd00:10::/122"], "fe80::1": ["fd00:10::40/122"], "::ffff:10.0.0.12": ["fd00:10::80/122"]}}}))
+    assert fed.learned() == {"fd00:10::/122": ("fd00::12",)}

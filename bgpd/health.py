@@ -110,6 +110,11 @@ class DaemonCollector(Collector):
             yield CounterMetricFamily(f"calico_py_ipam_{name}", text, value=float(ipam.get(key, 0)))
         yield CounterMetricFamily("calico_py_datastore_failovers", "Switches to another etcd endpoint",
                                   value=float(s["datastore"]["failovers"]))
+        yield CounterMetricFamily("calico_py_datastore_errors", "etcd requests that failed or got no answer (each "
+                                  "attempt)", value=float(s["datastore"].get("errors", 0)))
+        yield CounterMetricFamily("calico_py_datastore_unavailable", "etcd requests given up on: no endpoint "
+                                  "answered within the failover time",
+                                  value=float(s["datastore"].get("unavailable", 0)))
         exabgp = s.get("exabgp", {})
         yield CounterMetricFamily("calico_py_exabgp_restarts", "ExaBGP restarts",
                                   value=float(exabgp.get("restarts", 0)))

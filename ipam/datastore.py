@@ -329,6 +329,8 @@ class Datastore:
         self._channels: dict[int, grpc.aio.Channel] = {}
         self._credentials = self._load_credentials(config)
         self.failovers = 0
+        self.request_errors = 0  # requests etcd failed or did not answer (each attempt; failover follows)
+        self.unavailable = 0  # requests given up on: no endpoint answered within the failover time
         # Set once a request gave up (DatastoreUnavailable); the next request that succeeds clears it and calls
         # the recovery listeners: state that could not be read during the outage is read again at once.
         self._unreachable = False
@@ -408,6 +410,7 @@ class Datastore:
                         response = await self._stub(index).Txn(request, timeout=self.config.request_timeout,
                                                                metadata=_REQUIRE_LEADER)
                     except grpc.aio.AioRpcError as exc:
+                        self.request_errors += 1
                         if exc.code() not in _TRANSIENT:
                             raise DatastoreError(f"etcd at {self.config.endpoints[index]} refused the request: "
                                                  f"{exc.details()}") from None
@@ -425,6 +428,7 @@ class Datastore:
                         raise _Transient from None
         except _Transient:
             self._unreachable = True
+            self.unavailable += 1
             raise DatastoreUnavailable(
                 f"etcd unreachable after {self.config.failover_timeout:g}s (last error {errors[-1]}); "
                 f"check ETCD_ENDPOINTS={','.join(self.config.endpoints)} and that etcd is running") from None

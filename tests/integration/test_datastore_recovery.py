@@ -34,6 +34,7 @@ async def test_listeners_run_once_when_etcd_answers_again_after_an_outage(tmp_pa
             with pytest.raises(DatastoreUnavailable):  # a second failed request: still one outage
                 await store.get("/recovery/key")
             assert recovered == []
+            assert store.unavailable == 2 and store.request_errors >= 2  # what /metrics reports
 
             await asyncio.to_thread(cluster.restart_member, 0)
             found = await store.get("/recovery/key")

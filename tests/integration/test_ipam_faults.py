@@ -44,6 +44,8 @@ async def test_member_killed_halfway_through_two_thousand_allocations(etcd_clust
                              kill_at_halfway())
         assert not etcd_cluster3.members[0].is_running()
         assert all(ipam.store.failovers >= 1 for _, ipam in workers)  # every client moved on
+        # ...after at least one failed attempt, and never gave a request up (the other members kept answering)
+        assert all(ipam.store.request_errors >= 1 and ipam.store.unavailable == 0 for _, ipam in workers)
 
         addresses = outcome.addresses
         assert len(addresses) == len(set(addresses)), "duplicate address handed out"

@@ -256,6 +256,14 @@ def test_the_daemon_accepts_the_defaults() -> None:
     assert config.ip == "autodetect" and config.ip_autodetection_method == "kubernetes-internal-ip"
     assert config.default_pool is not None
     assert config.default_pool["spec"]["cidr"] == CONFIGMAP["data"]["ipv4pool_cidr"]
+    assert config.ip6 == "none" and config.default_pool6 is None  # IPv4 only unless the ConfigMap says so
+
+
+def test_the_dual_stack_settings_the_configmap_describes_are_accepted() -> None:
+    env = node_environment() | {"IP6": "autodetect", "CALICO_IPV6POOL_CIDR": "fd00:10:244::/64"}
+    config = Config.from_env(env)
+    assert config.ip6 == "autodetect"
+    assert config.default_pool6 is not None and config.default_pool6["spec"]["blockSize"] == 122
 
 
 def mounts(container: dict[str, Any]) -> dict[str, dict[str, Any]]:

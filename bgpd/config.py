@@ -134,13 +134,7 @@ def default_pool(env: dict[str, str]) -> dict[str, Any] | None:
         "natOutgoing": _bool(env, "CALICO_IPV4POOL_NAT_OUTGOING", True),
         "nodeSelector": env.get("CALICO_IPV4POOL_NODE_SELECTOR", "all()"),
     }
-    document = {"apiVersion": "projectcalico.org/v3", "kind": "IPPool",
-                "metadata": {"name": "default-ipv4-ippool"}, "spec": spec}
-    try:
-        IPPool.from_v3(document)
-    except IPAMError as exc:
-        raise ConfigError(f"CALICO_IPV4POOL_*: {exc}") from None
-    return document
+    return _pool_document("default-ipv4-ippool", spec, "CALICO_IPV4POOL_*")
 
 
 def default_pool6(env: dict[str, str]) -> dict[str, Any] | None:
@@ -164,10 +158,14 @@ def default_pool6(env: dict[str, str]) -> dict[str, Any] | None:
         "natOutgoing": _bool(env, "CALICO_IPV6POOL_NAT_OUTGOING", False),
         "nodeSelector": env.get("CALICO_IPV6POOL_NODE_SELECTOR", "all()"),
     }
-    document = {"apiVersion": "projectcalico.org/v3", "kind": "IPPool",
-                "metadata": {"name": "default-ipv6-ippool"}, "spec": spec}
+    return _pool_document("default-ipv6-ippool", spec, "CALICO_IPV6POOL_*")
+
+
+def _pool_document(name: str, spec: dict[str, Any], settings: str) -> dict[str, Any]:
+    """The IPPool resource, checked here so that a typo in ``settings`` stops start-up with its name."""
+    document = {"apiVersion": "projectcalico.org/v3", "kind": "IPPool", "metadata": {"name": name}, "spec": spec}
     try:
         IPPool.from_v3(document)
     except IPAMError as exc:
-        raise ConfigError(f"CALICO_IPV6POOL_*: {exc}") from None
+        raise ConfigError(f"{settings}: {exc}") from None
     return document

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ipam.model import IPNetwork, IPPool
-from ipam.selector import SelectorError, parse_selector
+from ipam.selector import parse_selector
+from ipam.validation import is_selector
 
 DEFAULT_AS = 64512
 MESH = "node-to-node mesh"
@@ -67,13 +68,14 @@ def _as_number(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 4294967295
 
 
-def _selector_problem(value: Any) -> str | None:
-    if not isinstance(value, str):
-        return f"must be a selector string, got {value!r}"
+def _address_problem(value: Any, kind: Callable[[Any], Any], name: str, what: str) -> str | None:
+    """Why ``value`` (when given) is not what ``kind`` parses, naming the field ``name``; None when absent or good."""
+    if value is None:
+        return None
     try:
-        parse_selector(value)
-    except SelectorError as exc:
-        return str(exc)
+        kind(value)
+    except (ValueError, TypeError):
+        return f"{name} {value!r} is not {what}"
     return None
 
 
@@ -90,27 +92,16 @@ def node_problem(obj: Any) -> str | None:
     bgp = spec.get("bgp") or {}
     if not isinstance(bgp, dict):
         return "spec.bgp is not a mapping"
-    address = bgp.get("ipv4Address")
-    if address is not None:
-        try:
-            ipaddress.IPv4Interface(address)
-        except (ValueError, TypeError):
-            return f"spec.bgp.ipv4Address {address!r} is not an IPv4 address with prefix length"
-    address6 = bgp.get("ipv6Address")
-    if address6 is not None:
-        try:
-            ipaddress.IPv6Interface(address6)
-        except (ValueError, TypeError):
-            return f"spec.bgp.ipv6Address {address6!r} is not an IPv6 address with prefix length"
+    problem = (_address_problem(bgp.get("ipv4Address"), ipaddress.IPv4Interface, "spec.bgp.ipv4Address",
+                                "an IPv4 address with prefix length")
+               or _address_problem(bgp.get("ipv6Address"), ipaddress.IPv6Interface, "spec.bgp.ipv6Address",
+                                   "an IPv6 address with prefix length"))
+    if problem:
+        return problem
     if bgp.get("asNumber") is not None and not _as_number(bgp["asNumber"]):
         return f"spec.bgp.asNumber {bgp['asNumber']!r} is not an AS number"
-    cluster = bgp.get("routeReflectorClusterID")
-    if cluster is not None:
-        try:
-            ipaddress.IPv4Address(cluster)
-        except (ValueError, TypeError):
-            return f"spec.bgp.routeReflectorClusterID {cluster!r} is not an IPv4 address"
-    return None
+    return _address_problem(bgp.get("routeReflectorClusterID"), ipaddress.IPv4Address,
+                            "spec.bgp.routeReflectorClusterID", "an IPv4 address")
 
 
 def peer_problem(resource: Any) -> str | None:
@@ -122,7 +113,7 @@ def peer_problem(resource: Any) -> str | None:
     if spec.get("node") is not None and not isinstance(spec["node"], str):
         return f"spec.node {spec['node']!r} is not a node name"
     for key in ("nodeSelector", "peerSelector"):
-        if spec.get(key) and (problem := _selector_problem(spec[key])):
+        if spec.get(key) and (problem := is_selector(spec[key])):
             return f"spec.{key}: {problem}"
     if spec.get("peerIP"):
         address = spec["peerIP"]

@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,6 +76,16 @@ def pods() -> Iterator[Pods]:
     made.cleanup()
 
 
+def interrupt(process: subprocess.Popen[Any]) -> None:
+    """Stop a measuring tool (ping, tcpdump) as Ctrl-C would, so it writes its summary; kill it if it hangs."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class Pinger:
     """``ping -i interval`` from a pod namespace to a target for as long as the ``with`` block lasts; afterwards
     ``sent`` and ``lost`` hold ping's own count. A packet still in flight when the block ends is not counted lost
@@ -96,12 +107,7 @@ class Pinger:
 
     def __exit__(self, *exc: object) -> None:
         assert self._process is not None
-        self._process.send_signal(signal.SIGINT)
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        interrupt(self._process)
         self._log.seek(0)
         self.output = self._log.read()
         self._log.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from containerlab.topology import load
 from tests.e2e.test_bgp import place_pods, sessions
 from tests.e2e.test_cni import Pods, daemon_log, daemon_process, pod_ping
 from tests.etcdserver import make_test_pki
-from tests.faults.conftest import FaultRecord
+from tests.faults.conftest import FaultRecord, interrupt
 from tests.labfixture import LabHandle
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -65,12 +64,7 @@ class Capture:
 
     def __exit__(self, *exc: object) -> None:
         assert self._process is not None
-        self._process.send_signal(signal.SIGINT)
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        interrupt(self._process)
 
     def read(self, *extra: str) -> list[str]:
         # No check: while the capture runs, its last packet may be half written ("truncated dump file").

@@ -280,8 +280,9 @@ def check_tls_files(config: EtcdConfig) -> None:
             ) from None
 
 
-def _speaks_tls(host: str, port: int, timeout: float = 1.0) -> bool:
-    """Whether the server at host:port answers a TLS ClientHello with TLS (whatever it then thinks of us)."""
+def _speaks_tls(host: str, port: int, timeout: float = 1.0) -> bool | None:
+    """Whether the server at host:port answers a TLS ClientHello with TLS (whatever it then thinks of us): True,
+    False when it answers in plain text, None when it does not answer (down, or closing as it starts up)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE  # only the protocol matters here, not who the server is
@@ -289,10 +290,25 @@ def _speaks_tls(host: str, port: int, timeout: float = 1.0) -> bool:
         with socket.create_connection((host, port), timeout=timeout) as raw, \
                 context.wrap_socket(raw, server_hostname=host):
             return True
+    except ssl.SSLEOFError:
+        # Closed without a word: a plain etcd does that to a ClientHello, and so does one still starting up.
+        return False if _answers_plain_http(host, port, timeout) else None
     except ssl.SSLError as exc:
         return "WRONG_VERSION_NUMBER" not in str(exc) and "RECORD_LAYER" not in str(exc)
     except OSError:
+        return None
+
+
+def _answers_plain_http(host: str, port: int, timeout: float) -> bool:
+    """Whether host:port answers a plain-text HTTP request as an HTTP server would (etcd serves /version). A TLS
+    server answers with an alert, a close, or Go's "Client sent an HTTP request to an HTTPS server"."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            raw.sendall(f"GET /version HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            answer = raw.recv(512)
+    except OSError:
         return False
+    return answer.startswith(b"HTTP/") and b"HTTPS server" not in answer
 
 
 async def tls_problem(config: EtcdConfig, endpoint: str, details: str) -> str | None:
@@ -311,10 +327,14 @@ async def tls_problem(config: EtcdConfig, endpoint: str, details: str) -> str | 
                         f"{_TLS_SETTINGS['key']}")
             return (f"etcd at {endpoint} rejected the client certificate {config.cert_file}: give one signed by the "
                     "CA etcd trusts (its --trusted-ca-file)")
-        if "Handshake read failed" in details or "WRONG_VERSION_NUMBER" in details:
+        # A handshake cut short is also what an etcd that is just starting gives (it accepts, then closes): only a
+        # plain-text answer to a probe proves the endpoint does not speak TLS; anything else is an outage to retry.
+        if "WRONG_VERSION_NUMBER" in details or ("Handshake read failed" in details and parts.hostname
+                                                 and parts.port and await asyncio.to_thread(
+                                                     _speaks_tls, parts.hostname, parts.port) is False):
             return f"etcd at {endpoint} does not speak TLS: use http:// for it in ETCD_ENDPOINTS, or enable TLS on etcd"
     elif "Socket closed" in details and parts.hostname and parts.port and \
-            await asyncio.to_thread(_speaks_tls, parts.hostname, parts.port):
+            await asyncio.to_thread(_speaks_tls, parts.hostname, parts.port) is True:
         return (f"etcd at {endpoint} serves TLS: use https:// in ETCD_ENDPOINTS, with {_TLS_SETTINGS['ca']}, "
                 f"{_TLS_SETTINGS['cert']} and {_TLS_SETTINGS['key']}")
     return None

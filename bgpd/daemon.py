@@ -145,7 +145,7 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None, kube: Kub
         reconciler = RouteReconciler(store, netlink, config.nodename, config.reconcile_interval, overlay=overlay,
                                      learned=lambda: bgp.learned() if bgp else {},
                                      learned_changes=lambda: bgp.learned_changes() if bgp else {},
-                                     bgp_converged=lambda: bgp.speaker.converged if bgp else True)
+                                     keep_startup_routes=lambda: bgp.speaker.keeps_startup_routes() if bgp else False)
         if config.networking_backend == "bird" and (address is not None or address6 is not None):
             speaker = ExaBGP(Path(os.environ.get("CALICO_STATE_DIR", f"/run/calico-py/{config.nodename}")),
                              router_id_for(str(address.ip) if address else None, config.nodename),

@@ -66,11 +66,12 @@ class RouteReconciler:
 
     def __init__(self, store: Datastore, netlink: Netlink, node: str, interval: float,
                  learned: Callable[[], Learned] = dict, learned_changes: Callable[[], Learned] = dict,
-                 bgp_converged: Callable[[], bool] = lambda: True, overlay: Overlay | None = None) -> None:
+                 keep_startup_routes: Callable[[], bool] = lambda: False, overlay: Overlay | None = None) -> None:
         self.learned = learned
         self.overlay = overlay  # encapsulation and NAT: routes to other nodes from the datastore
         self.learned_changes = learned_changes
-        self.bgp_converged = bgp_converged
+        # While true (a restart, BGP not relearned yet): the remote routes found in the kernel at start stay.
+        self.keep_startup_routes = keep_startup_routes
         self.store = store
         self.netlink = netlink
         self.node = node
@@ -84,6 +85,9 @@ class RouteReconciler:
         self._connected: tuple[tuple[str, desired.IPInterface], ...] = ()
         self._own: set[str] = set()
         self._encapsulated: set[str] = set()  # prefixes routed by the overlay: BGP's routes to them are ignored
+        # Remote routes of the first kernel read still kept, by prefix (None: not read yet). Only shrinks: a
+        # prefix BGP speaks of (announced or withdrawn) is BGP's from then on.
+        self._retained: dict[str, desired.RouteSpec] | None = None
         self._periodic = False
         # Drift that came while etcd was away (a route deleted by hand, say) waits for no periodic run.
         store.on_recovery(self.wake)
@@ -129,12 +133,24 @@ class RouteReconciler:
         # route but no endpoint yet, and would lose its route.
         names, have, connected = await self.netlink.run(
             lambda ipr: (routes.interfaces(ipr), routes.actual_routes(ipr), routes.connected(ipr)))
+        if self._retained:  # what BGP changed since the last run is BGP's now (learned() below forgets what)
+            self._forget_retained(self.learned_changes())
         want = await self.desired_state(set(names.values()), connected)
-        if not self.bgp_converged():
-            # Just restarted, BGP not relearned yet: keep the remote routes already in the kernel, so traffic to
-            # other nodes does not stop while the sessions come back (they are checked again once converged).
-            wanted = {spec.dst for spec in want}
-            want |= {spec for spec in have if spec.learned and spec.dst not in wanted}
+        # Just restarted: traffic to other nodes goes on over the routes the previous daemon left while the
+        # sessions come back; only those, and only until BGP has relearned what it has.
+        if self._retained is None:
+            self._retained = desired.found_at_start(have, want) if self.keep_startup_routes() else {}
+            if self._retained:
+                log.info("keeping %d remote routes found in the kernel until BGP has relearned them",
+                         len(self._retained))
+        elif self._retained:
+            still = desired.still_retained(self._retained, have, want)
+            if not self.keep_startup_routes():
+                log.info("BGP has relearned its routes: %d not relearned of those found in the kernel at start go",
+                         len(still))
+                still = {}
+            self._retained = still
+        want |= set(self._retained.values())
         self.stats.routes = len(want)
         self.stats.by_type = dict(Counter(route_type(r) for r in want))
         self._remote = {spec.dst: spec for spec in want if spec.learned}
@@ -148,7 +164,10 @@ class RouteReconciler:
         add: list[desired.RouteSpec] = []
         remove: list[desired.RouteSpec] = []
         replaced: list[desired.RouteSpec] = []
-        for prefix, next_hops in self.learned_changes().items():
+        changes = self.learned_changes()
+        if self._retained:
+            self._forget_retained(changes)
+        for prefix, next_hops in changes.items():
             if prefix in self._encapsulated:
                 continue
             want = desired.remote_route(prefix, next_hops, self._connected, self._own)
@@ -173,6 +192,12 @@ class RouteReconciler:
         self.stats.by_type = {kind: count for kind, count in counts.items() if count > 0}
         self.stats.routes = sum(self.stats.by_type.values())
         return await self._apply(desired.RouteDiff(add=tuple(add), remove=tuple(remove)))  # unsorted: bursts
+
+    def _forget_retained(self, changes: Learned) -> None:
+        """A route found at start that BGP announced or withdrew since is BGP's: withdrawn, it goes."""
+        assert self._retained is not None
+        for prefix in changes:
+            self._retained.pop(prefix, None)
 
     async def _apply(self, diff: desired.RouteDiff) -> int:
         errors = await self.netlink.run(lambda ipr: routes.apply(ipr, diff)) if not diff.empty else []
@@ -199,7 +224,8 @@ class RouteReconciler:
         while True:
             wait = self.interval
             try:
-                if self._full_wanted or not self.bgp_converged():
+                # A full run, too, when the routes found at start stop being kept: those not relearned go.
+                if self._full_wanted or (self._retained and not self.keep_startup_routes()):
                     await self.reconcile_once()
                     self._periodic = False
                 else:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bgpd.desired import StartupPeer, startup_routes_kept
 from bgpd.speaker.peers import (
     ORIGINS,
     BGPPath,
@@ -119,6 +120,13 @@ class ExaBGP:
         self.gr_peers: dict[str, int] = {}  # peer -> restart time it advertised in its OPEN (RFC 4724)
         self.eor: set[str] = set()  # peers that sent End-of-RIB since their session came up
         self.started_at = time.monotonic()
+        # The start-up rule (see keeps_startup_routes): our restart time as first configured (None: not read yet),
+        # lowered by later changes but never raised; which peers sent an OPEN and an End-of-RIB since start; and
+        # whether it is over.
+        self.startup_window: float | None = None
+        self._opened: set[str] = set()
+        self._sent_eor: set[str] = set()
+        self._startup_over = False
         self._peers_known = False
         self._came_up: list[str] = []  # peers whose session just came up: they get our routes again
 
@@ -281,7 +289,9 @@ class ExaBGP:
             return
         for address in set(self.peers) - set(wanted):
             self.peers.pop(address)
-            if self.rib.pop(address, None):
+            self.stale.pop(address, None)
+            if table := self.rib.pop(address, None):
+                self.touched.update(table)  # the fast path removes what only that peer offered
                 self.on_routes()
         for address, spec in wanted.items():
             if address not in self.peers:
@@ -291,6 +301,7 @@ class ExaBGP:
                 # and one it does see (AS, password) makes it report the reset itself.
                 self.peers[address].spec = spec
         self._config_changed.set()
+        self._note_startup_over()  # a peer no longer configured is not waited for
 
     async def set_announcements(self, prefixes: set[str]) -> None:
         self.wanted = set(prefixes)
@@ -340,23 +351,36 @@ class ExaBGP:
         if seconds != self.graceful_restart:
             self.graceful_restart = seconds
             self._config_changed.set()  # the capability is in ExaBGP's configuration
+        self.startup_window = seconds if self.startup_window is None else min(self.startup_window, seconds)
 
-    @property
-    def converged(self) -> bool:
-        """Every peer is up and sent End-of-RIB, or the restart window passed: until then a restarted daemon
-        keeps the remote routes it finds in the kernel instead of removing what it has not relearned yet."""
-        if time.monotonic() - self.started_at > self.graceful_restart:
-            return True
-        if not self._peers_known:
-            return False  # the datastore has not told us our peers yet
-        return all(status.state == "up" and address in self.eor for address, status in self.peers.items())
+    def keeps_startup_routes(self) -> bool:
+        """Whether a restarted daemon still keeps the remote routes it found in the kernel: until every configured
+        peer that negotiated graceful restart sent End-of-RIB or its restart time ended, within our restart time
+        since start (:func:`bgpd.desired.startup_routes_kept`). Once over, over for good: no configuration change
+        reopens it."""
+        if not self._startup_over:
+            peers = {address: StartupPeer(address in self._opened, self.gr_peers.get(address, 0),
+                                          address in self._sent_eor)
+                     for address in self.peers} if self._peers_known else None
+            window = self.graceful_restart if self.startup_window is None else self.startup_window
+            self._startup_over = not startup_routes_kept(peers, time.monotonic() - self.started_at, window)
+            if self._startup_over:
+                log.info("bgp start-up over: remote routes found in the kernel are kept no longer")
+        return not self._startup_over
+
+    def _note_startup_over(self) -> None:
+        """Wake the reconciler when the start-up rule has just ended: what BGP did not relearn goes."""
+        if not self._startup_over and not self.keeps_startup_routes():
+            self.on_routes()
 
     def expire_stale(self) -> None:
-        """Drop routes of peers that did not come back within the graceful-restart time."""
+        """Drop routes of peers that did not come back within the graceful-restart time (and end the start-up
+        rule when its time is up)."""
         now = time.monotonic()
         for peer, (deadline, prefixes) in list(self.stale.items()):
             if now >= deadline:
                 self._drop(peer, prefixes, "graceful-restart time passed")
+        self._note_startup_over()
 
     def _drop(self, peer: str, prefixes: set[str], why: str) -> None:
         table = self.rib.get(peer, {})
@@ -472,10 +496,14 @@ class ExaBGP:
                 self.gr_peers[peer] = restart[0]
             else:
                 self.gr_peers.pop(peer, None)
+            self._opened.add(peer)
+            self._note_startup_over()  # a peer without graceful restart sends no End-of-RIB: not waited for
         elif message.get("type") == "update":
             body = _dict(neighbor.get("message"))
             if body.get("eor"):
                 self.eor.add(peer)
+                self._sent_eor.add(peer)
+                self._note_startup_over()
                 stale = self.stale.get(peer)
                 if stale:
                     self._drop(peer, stale[1], "not re-announced before End-of-RIB")

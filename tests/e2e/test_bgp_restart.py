@@ -1,5 +1,6 @@
 """Graceful restart: a daemon restart loses no packet; a dead node's routes go after the restart time, or at once
-with graceful restart off."""
+with graceful restart off; a withdrawal leaves the kernel at once in the restart window after a start, and a peer
+without graceful restart (no End-of-RIB) is not waited for."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tests.labfixture import LabHandle
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="lab tests need root (network namespaces)")
 NODES = ("node1", "node2", "node3")
+DATA = Path(__file__).parent / "data"
 
 
 def mesh_with(lab: Callable[..., LabHandle], tmp_path: Path, restart_time: str) -> LabHandle:
@@ -77,3 +79,64 @@ def test_a_dead_nodes_routes_go_after_the_restart_time(lab: Callable[..., LabHan
         assert 6 <= gone_after <= 15, f"routes went after {gone_after:.1f}s, expected about 8s"
     else:
         assert gone_after < 4, f"routes went after {gone_after:.1f}s with graceful restart off"
+
+
+FRR, GOBGP = "10.0.8.2", "10.0.8.3"
+FRR_WITHDRAWN_LIVE, FRR_WITHDRAWN_WHILE_DOWN, FROM_GOBGP = "10.244.250.0/24", "10.244.251.0/24", "10.244.252.0/24"
+RR_FRR_NODES = ("node1", "node2")
+
+
+def vtysh(handle: LabHandle, *commands: str) -> None:
+    argv = ["vtysh", "--vty_socket", str(handle.lab.run_dir / "frr")]
+    for command in commands:
+        argv += ["-c", command]
+    done = handle.exec("frr", *argv)
+    assert done.returncode == 0, f"vtysh {commands}: {done.stderr or done.stdout}"
+
+
+def frr_withdraws(handle: LabHandle, prefix: str) -> None:
+    vtysh(handle, "configure terminal", "router bgp 64512", "address-family ipv4 unicast", f"no network {prefix}")
+
+
+def routed(handle: LabHandle, node: str, prefix: str) -> bool:
+    return f"{prefix} via" in handle.exec(node, "ip", "route", "show", "proto", "80", prefix).stdout
+
+
+def test_a_withdrawal_leaves_the_kernel_at_once_while_a_peer_sends_no_end_of_rib(
+        lab: Callable[..., LabHandle]) -> None:
+    """FRR (graceful restart: sends End-of-RIB) and GoBGP (no graceful restart, no End-of-RIB) peer with both
+    nodes, inside the restart window (120 s by default) after the daemons start. A route FRR withdraws leaves
+    every kernel at once; after a daemon restart, a route withdrawn while the daemon was down is kept only until
+    FRR's End-of-RIB (GoBGP is not waited for), and GoBGP's route stays."""
+    handle = lab(DATA / "rr-frr.clab.yml")
+    apply_resources(handle, str(handle.topology.mgmt_addresses()["etcd"].ip), DATA / "rr-frr" / "calico-bgp.yaml")
+    for node in RR_FRR_NODES:
+        handle.wait_for(lambda node=node: set(sessions(handle, node)) == {FRR, GOBGP}, timeout=60,
+                        what=f"{node} to have Established sessions to FRR and GoBGP only")
+    done = handle.exec("gobgp", "gobgp", "global", "rib", "add", "-a", "ipv4", FROM_GOBGP)
+    assert done.returncode == 0, done.stderr
+    for node in RR_FRR_NODES:
+        for prefix in (FRR_WITHDRAWN_LIVE, FRR_WITHDRAWN_WHILE_DOWN, FROM_GOBGP):
+            handle.wait_for(lambda node=node, prefix=prefix: routed(handle, node, prefix), timeout=30,
+                            what=f"{node} to install {prefix}")
+
+    frr_withdraws(handle, FRR_WITHDRAWN_LIVE)
+    for node in RR_FRR_NODES:
+        handle.wait_for(lambda node=node: not routed(handle, node, FRR_WITHDRAWN_LIVE), timeout=10,
+                        what=f"{node} to remove {FRR_WITHDRAWN_LIVE}, withdrawn by FRR")
+
+    # node1's daemon dies (its ExaBGP lives on, no longer heard): FRR's next withdrawal stays in node1's kernel
+    # until the restarted daemon has FRR's End-of-RIB.
+    daemon = next(p for p in handle.lab._load_processes() if p.node == "node1" and p.daemon == "calico-py-node")
+    os.kill(daemon.pid, signal.SIGKILL)
+    handle.wait_for(lambda: not daemon.alive(), 10, "node1's daemon to die")
+    frr_withdraws(handle, FRR_WITHDRAWN_WHILE_DOWN)
+    handle.wait_for(lambda: not routed(handle, "node2", FRR_WITHDRAWN_WHILE_DOWN), timeout=10,
+                    what=f"node2 to remove {FRR_WITHDRAWN_WHILE_DOWN}")
+    assert routed(handle, "node1", FRR_WITHDRAWN_WHILE_DOWN), "node1's kernel lost a route with no daemon running"
+    handle.lab.deploy()  # restarts node1's daemon, which replaces the ExaBGP the dead one left
+    handle.wait_for(lambda: set(sessions(handle, "node1")) == {FRR, GOBGP}, timeout=60,
+                    what="node1's sessions to FRR and GoBGP to come back")
+    handle.wait_for(lambda: not routed(handle, "node1", FRR_WITHDRAWN_WHILE_DOWN), timeout=10,
+                    what=f"node1 to remove {FRR_WITHDRAWN_WHILE_DOWN} after FRR's End-of-RIB")
+    assert routed(handle, "node1", FROM_GOBGP), f"node1 lost {FROM_GOBGP}, still announced by GoBGP"

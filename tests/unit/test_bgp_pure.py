@@ -302,7 +302,7 @@ def test_exabgp_exiting_keeps_every_peers_routes_as_stale_until_relearned(tmp_pa
     speaker._process_gone()  # killed: no "down" reaches the API
     assert speaker.learned() == {"10.244.2.0/26": ("10.0.0.12",), "10.244.3.0/26": ("10.0.0.13",)}
     assert {p: s.state for p, s in speaker.peers.items()} == {"10.0.0.12": "start", "10.0.0.13": "start"}
-    assert set(speaker.stale) == {"10.0.0.12", "10.0.0.13"} and not speaker.converged
+    assert set(speaker.stale) == {"10.0.0.12", "10.0.0.13"}
     # The new ExaBGP's session to 10.0.0.13 brings End-of-RIB without the route: withdrawn while we were away.
     neighbor = {"address": {"local": "10.0.0.11", "peer": "10.0.0.13"}}
     speaker._handle(json.dumps({"type": "state", "neighbor": {**neighbor, "state": "up"}}).encode())
@@ -546,3 +546,78 @@ def test_reflection_keeps_each_family_on_its_own_sessions() -> None:
     out = reflections(rib, peers, "224.0.0.1", "10.0.0.11")
     assert set(out["fd00:7::13"]) == {"fd00:10:244::80/122"}  # the IPv4 block is not offered over IPv6
     assert out["10.0.0.12"] == {} and out["fd00:7::12"] == {}
+
+
+# ------------------------------------------------------------------ the start-up rule (routes kept after a restart)
+
+
+def gr_session(speaker: ExaBGP, peer: str, restart_time: int | None) -> Callable[..., None]:
+    """Open a session from ``peer`` (graceful restart with ``restart_time``, or none) and return a sender."""
+    neighbor = {"address": {"local": "10.0.0.11", "peer": peer}}
+
+    def send(kind: str, **fields: object) -> None:
+        speaker._handle(json.dumps({"type": kind, "neighbor": {**neighbor, **fields}}).encode())
+    capabilities = {"64": {"name": "graceful restart", "time": restart_time}} if restart_time is not None else {}
+    send("open", direction="receive", open={"capabilities": capabilities})
+    send("state", state="up")
+    return send
+
+
+def test_startup_rule_waits_only_for_peers_that_negotiated_graceful_restart() -> None:
+    from bgpd.desired import StartupPeer, startup_routes_kept
+    gr, no_gr = StartupPeer(opened=True, restart_time=120), StartupPeer(opened=True)
+    assert startup_routes_kept(None, 1, 120)  # peers not read from the datastore yet
+    assert startup_routes_kept({"frr": gr, "gobgp": no_gr}, 1, 120)  # FRR's End-of-RIB still to come
+    assert not startup_routes_kept({"frr": StartupPeer(True, 120, end_of_rib=True), "gobgp": no_gr}, 1, 120)
+    assert not startup_routes_kept({"gobgp": no_gr}, 1, 120)  # sends no End-of-RIB: not waited for
+    assert startup_routes_kept({"frr": StartupPeer(opened=False)}, 1, 120)  # may still negotiate it
+    assert not startup_routes_kept({"frr": StartupPeer(True, restart_time=5)}, 6, 120)  # its own time ended
+    assert not startup_routes_kept({"frr": gr}, 30, 30) and not startup_routes_kept({"frr": gr}, 0, 0)
+
+
+def test_only_routes_found_at_start_are_kept_and_only_until_bgp_speaks_of_them() -> None:
+    from bgpd.desired import found_at_start, still_retained
+    kept, relearned, local = (RouteSpec("10.244.2.0/26", gateway="10.0.0.12"),
+                              RouteSpec("10.244.3.0/26", gateway="10.0.0.13"), RouteSpec("10.244.1.0/26", "blackhole"))
+    have = {kept, relearned, local}
+    retained = found_at_start(have, want={local, relearned})
+    assert retained == {"10.244.2.0/26": kept}
+    assert still_retained(retained, have, want={local, relearned}) == retained
+    assert still_retained(retained, have - {kept}, want=set()) == {}  # removed from the kernel by someone
+    assert still_retained(retained, have, want={RouteSpec("10.244.2.0/26", gateway="10.0.0.14")}) == {}
+
+
+def test_start_up_ends_on_end_of_rib_of_graceful_peers_without_waiting_for_others(tmp_path: Path) -> None:
+    speaker = ExaBGP(tmp_path, "10.0.0.11", on_routes=lambda: None)
+    assert speaker.keeps_startup_routes()  # no peers read yet
+    speaker.set_graceful_restart(120)
+    speaker.set_peers(desired_peers(NODES[0], NODES, None, []))  # 10.0.0.12 and 10.0.0.13
+    frr = gr_session(speaker, "10.0.0.12", 120)
+    gr_session(speaker, "10.0.0.13", None)  # GoBGP: no graceful restart, no End-of-RIB ever
+    assert speaker.keeps_startup_routes()
+    frr("update", message={"eor": {"afi": "ipv4", "safi": "unicast"}})
+    assert not speaker.keeps_startup_routes()
+    # Over for good: a new peer that may negotiate graceful restart does not bring it back.
+    speaker.set_peers(desired_peers(NODES[0], NODES, None, [{"metadata": {"name": "tor"},
+                                                              "spec": {"peerIP": "10.0.0.1", "asNumber": 65100}}]))
+    assert not speaker.keeps_startup_routes()
+
+
+def test_start_up_ends_when_the_peers_waited_for_are_dropped_or_the_window_is_lowered(tmp_path: Path) -> None:
+    speaker = ExaBGP(tmp_path, "10.0.0.11", on_routes=lambda: None)
+    speaker.set_graceful_restart(120)
+    speaker.set_peers(desired_peers(NODES[0], NODES, None, []))
+    gr_session(speaker, "10.0.0.12", 120)
+    gr_session(speaker, "10.0.0.13", None)
+    assert speaker.keeps_startup_routes()
+    speaker.set_peers([p for p in desired_peers(NODES[0], NODES, None, []) if p.address != "10.0.0.12"])
+    assert not speaker.keeps_startup_routes()  # the only peer waited for is no longer configured
+    lowered = ExaBGP(tmp_path / "b", "10.0.0.11", on_routes=lambda: None)
+    lowered.set_graceful_restart(120)
+    lowered.set_peers(desired_peers(NODES[0], NODES, None, []))
+    gr_session(lowered, "10.0.0.12", 120)
+    assert lowered.keeps_startup_routes()
+    lowered.set_graceful_restart(0)  # nodeMeshMaxRestartTime: 0s
+    assert not lowered.keeps_startup_routes()
+    lowered.set_graceful_restart(300)  # raising it later does not reopen the window
+    assert not lowered.keeps_startup_routes()

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
@@ -32,9 +33,11 @@ def datastore_config(path: Path | None) -> EtcdConfig:
     if path is None:
         return EtcdConfig.from_env()
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
+        doc = yaml.safe_load(resources.utf8_text(path.read_bytes(), str(path))) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"cannot read config {path}: {exc}") from None
+        raise UserError(f"cannot read config {path}: {' '.join(str(exc).split())}") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{path}: expected kind CalicoAPIConfig with spec.datastoreType etcdv3")
     spec = doc.get("spec") or {}
     if doc.get("kind") != "CalicoAPIConfig" or spec.get("datastoreType", "etcdv3") != "etcdv3":
         raise UserError(f"{path}: expected kind CalicoAPIConfig with spec.datastoreType etcdv3")
@@ -42,8 +45,20 @@ def datastore_config(path: Path | None) -> EtcdConfig:
                             cert_file=spec.get("etcdCertFile"), key_file=spec.get("etcdKeyFile"))
 
 
+EXIT_USER_ERROR = 1
+EXIT_DATASTORE_UNAVAILABLE = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with usage errors as user errors: exit code 2 means the datastore is unreachable."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="calicoctl-py", description="Manage calico-py resources and IPAM.")
+    top = ArgumentParser(prog="calicoctl-py", description="Manage calico-py resources and IPAM.")
     top.add_argument("-c", "--config", type=Path, help="calicoctl.cfg-style file (default: ETCD_* environment)")
     sub = top.add_subparsers(dest="command", required=True)
     for verb, text in (("create", "create resources (refused if one exists)"), ("apply", "create or update"),
@@ -69,10 +84,11 @@ def parser() -> argparse.ArgumentParser:
     release = ipam.add_parser("release", help="release addresses")
     release.add_argument("--ip")
     release.add_argument("--from-report", type=Path)
-    release.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    release.add_argument("--force", "--yes", dest="force", action="store_true",
+                         help="release without asking for confirmation")
     configure = ipam.add_parser("configure", help="IPAM settings")
-    configure.add_argument("--strictaffinity", choices=("true", "false"))
-    configure.add_argument("--max-blocks-per-host", type=int)
+    configure.add_argument("--strictaffinity", choices=("true", "false"), required=True)
+    configure.add_argument("--max-blocks-per-host", type=int, help="0: no cap")
 
     node = sub.add_parser("node", help="the local node daemon").add_subparsers(dest="node_command", required=True)
     node.add_parser("status", help="the daemon's state and BGP peers")
@@ -125,12 +141,9 @@ async def ipam_command(args: argparse.Namespace, store: Datastore) -> int:
         if args.ip:
             await ipam_commands.release_ip(store, resources.ip_arg(args.ip))
         else:
-            await ipam_commands.release_from_report(store, args.from_report, args.yes)
+            await ipam_commands.release_from_report(store, args.from_report, args.force)
     elif args.ipam_command == "configure":
-        if args.strictaffinity is None and args.max_blocks_per_host is None:
-            raise UserError("ipam configure needs --strictaffinity=true|false or --max-blocks-per-host N")
-        await ipam_commands.configure(store, None if args.strictaffinity is None else args.strictaffinity == "true",
-                                      args.max_blocks_per_host)
+        await ipam_commands.configure(store, args.strictaffinity == "true", args.max_blocks_per_host)
     return 0
 
 
@@ -150,10 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(run(args))
     except DatastoreUnavailable as exc:
         print(f"calicoctl-py: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_DATASTORE_UNAVAILABLE
     except (UserError, DatastoreError, IPAMError) as exc:
         print(f"calicoctl-py: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130
 

@@ -126,7 +126,11 @@ async def release_from_report(store: Datastore, path: Path, yes: bool) -> None:
         print("The report lists no leaked addresses.")
         return
     if not yes:
-        answer = input(f"Release {len(leaked)} leaked addresses from {path}? [y/N] ")
+        try:
+            answer = input(f"Release {len(leaked)} leaked addresses from {path}? [y/N] ")
+        except EOFError:
+            raise UserError("ipam release --from-report asks for confirmation and stdin has no answer; add --force "
+                            "to release without asking; nothing was released") from None
         if answer.strip().lower() not in ("y", "yes"):
             raise UserError("not confirmed; nothing was released")
     ipam = IPAM(store)
@@ -156,9 +160,15 @@ async def _drop_empty_handles(store: Datastore) -> None:
 
 
 async def configure(store: Datastore, strict_affinity: bool | None, max_blocks: int | None) -> None:
+    """calicoctl's ``ipam configure --strictaffinity=true|false [--max-blocks-per-host=N]``."""
+    if strict_affinity is None:
+        raise UserError("ipam configure needs --strictaffinity=true|false (with --max-blocks-per-host N or alone); "
+                        "nothing was written")
+    if max_blocks is not None and max_blocks < 0:
+        raise UserError(f"--max-blocks-per-host {max_blocks}: must be 0 (no cap) or more; nothing was written")
     ipam = IPAM(store)
     current = await ipam.get_config()
-    new = IPAMConfig(strict_affinity=current.strict_affinity if strict_affinity is None else strict_affinity,
+    new = IPAMConfig(strict_affinity=strict_affinity,
                      auto_allocate_blocks=current.auto_allocate_blocks,
                      max_blocks_per_host=current.max_blocks_per_host if max_blocks is None else max_blocks)
     await ipam.set_config(new)

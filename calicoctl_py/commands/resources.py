@@ -11,6 +11,7 @@ import ipaddress
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
@@ -75,10 +76,14 @@ def kind_named(text: str) -> Kind:
 def read_documents(path: str, stdin: TextIO | None = None) -> list[tuple[str, Any]]:
     """(label, object) for each document of a YAML/JSON file or stdin ("-"); lists are expanded."""
     try:
-        text = (stdin or sys.stdin).read() if path == "-" else open(path).read()  # noqa: SIM115
+        stream = stdin or sys.stdin
+        # Bytes where there are bytes (a binary stdin), so that non-UTF-8 input is refused, not a traceback.
+        data = (stream.buffer.read() if hasattr(stream, "buffer") else stream.read()) if path == "-" \
+            else Path(path).read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}") from None
     source = "stdin" if path == "-" else path
+    text = utf8_text(data, source)
     try:
         raw = list(yaml.safe_load_all(text))
     except yaml.YAMLError as exc:
@@ -104,12 +109,27 @@ def read_documents(path: str, stdin: TextIO | None = None) -> list[tuple[str, An
     return documents
 
 
+def utf8_text(data: bytes | str, source: str) -> str:
+    """The text of a resource file; YAML and JSON are UTF-8, so anything else is refused, naming the first bad
+    byte."""
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{source}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); give a "
+                        "YAML or JSON file; nothing was written") from None
+
+
 def normalise(label: str, obj: Any) -> dict[str, Any]:
     """Validate one document; the error names the document, the field and the reason."""
     try:
         if not isinstance(obj, dict):
             raise InvalidResource("?", "?", "(document)", "not a mapping")
         kind = kind_named(str(obj.get("kind", "")))
+        if "apiVersion" not in obj:  # calicoctl refuses a document without one, whatever else it holds
+            name = (obj.get("metadata") or {}).get("name", "?") if isinstance(obj.get("metadata"), dict) else "?"
+            raise InvalidResource(kind.name, str(name), "apiVersion", "missing; set apiVersion: projectcalico.org/v3")
         if kind.name == "IPPool":
             return IPPool.from_v3({**obj, "kind": "IPPool"}).to_v3()
         return validate({**obj, "kind": kind.name})

@@ -102,6 +102,10 @@ BAD = [
      "- {apiVersion: projectcalico.org/v3, kind: BGPPeer, metadata: {name: bad},\n"
      "   spec: {peerIP: nope, asNumber: 1}}\n",
      "document 1 item 2: BGPPeer 'bad': field spec.peerIP"),
+    ("kind: BGPPeer\nmetadata: {name: nover}\nspec: {peerIP: 10.0.0.7, asNumber: 65001}\n",
+     "BGPPeer 'nover': field apiVersion: missing"),
+    ("kind: IPPool\nmetadata: {name: nover}\nspec: {cidr: 10.70.0.0/24}\n",
+     "IPPool 'nover': field apiVersion: missing"),
 ]
 
 
@@ -142,17 +146,37 @@ def test_ipam_show_check_and_release_from_report(cli: Run, etcd_endpoints: list[
     leaked = json.loads(report.read_text())["leakedIPs"]
     assert [entry["ip"] for entry in leaked] == ["10.60.0.0"]  # the tunnel address is not a leak
     assert "not confirmed" in cli("ipam", "release", "--from-report", str(report), stdin="n\n", check=1).stderr
-    assert "Released 1 addresses" in cli("ipam", "release", "--from-report", str(report), "--yes").stdout
+    no_answer = cli("ipam", "release", "--from-report", str(report), check=1).stderr  # no terminal, no input
+    assert "add --force" in no_answer and "Traceback" not in no_answer
+    assert "Released 1 addresses" in cli("ipam", "release", "--from-report", str(report), "--force").stdout
     after = cli("ipam", "check", check=1).stdout
     assert "leaked-ip" not in after and "handle-without-ips" not in after  # the ghost handle went too
     assert "affinity-without-block" in after  # not a leak: left for GC
 
 
-def test_ipam_configure_and_unreachable_etcd(cli: Run) -> None:
+def test_ipam_configure_and_unreachable_etcd(cli: Run, etcd_endpoints: list[str]) -> None:
     assert "StrictAffinity" in cli("ipam", "configure", "--strictaffinity=true").stdout
+    before = keyspace(etcd_endpoints)
+    for args, message in ((("--max-blocks-per-host=4",), "--strictaffinity"),
+                          (("--strictaffinity=true", "--max-blocks-per-host=-1"), "must be 0 (no cap) or more")):
+        refused = cli("ipam", "configure", *args, check=1)
+        assert message in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+    assert keyspace(etcd_endpoints) == before
     env = {**os.environ, "ETCD_ENDPOINTS": "http://127.0.0.1:9"}
     result = subprocess.run([CLI, "get", "ippools"], capture_output=True, text=True, env=env, timeout=60, check=False)
     assert result.returncode == 2 and "etcd unreachable" in result.stderr
+
+
+def test_binary_files_and_usage_errors_are_user_errors_not_etcd_outages(cli: Run, tmp_path: Path,
+                                                                         etcd_endpoints: list[str]) -> None:
+    binary = tmp_path / "pool.yaml.gz"
+    binary.write_bytes(b"\x1f\x8b\x08\x00\xff\xfe binary")
+    before = keyspace(etcd_endpoints)
+    refused = cli("apply", "-f", str(binary), check=1).stderr
+    assert "not UTF-8 text (byte 0x8b at offset 1)" in refused and len(refused.strip().splitlines()) == 1
+    assert keyspace(etcd_endpoints) == before
+    for args in (("apply",), ("get",), ("--bogus", "get", "ippools"), ("ipam", "show", "--nope")):
+        assert "usage:" in cli(*args, check=1).stderr  # 2 is "etcd unreachable" only
 
 
 def test_node_status_without_a_daemon(cli: Run) -> None:

@@ -197,6 +197,42 @@ def test_calicoctl_reads_any_file_into_documents_or_one_clean_error(text: str) -
         one_clean_line(exc)
 
 
+@FUZZ
+@given(st.binary(max_size=64) | yaml_texts.map(lambda t: t.encode("utf-8")))
+@example(b"\x1f\x8b\x08\x00 gzip")
+@example(b"kind: IPPool\nmetadata: {name: \xff}\n")
+def test_calicoctl_reads_any_bytes_into_documents_or_one_clean_error(data: bytes) -> None:
+    try:
+        for label, document in read_documents("-", io.TextIOWrapper(io.BytesIO(data))):
+            try:
+                normalise(label, document)
+            except UserError as exc:
+                one_clean_line(exc)
+    except UserError as exc:
+        one_clean_line(exc)
+
+
+argv_words = st.sampled_from(["apply", "create", "get", "delete", "ipam", "show", "check", "release", "configure",
+                              "node", "status", "-f", "--force", "--yes", "--strictaffinity=true", "-o", "yaml",
+                              "--max-blocks-per-host=-1", "--ip", "--bogus", "ippool", "x", ""])
+
+
+@FUZZ
+@given(st.lists(argv_words, max_size=5))
+def test_calicoctl_usage_errors_exit_1_never_the_unreachable_code(argv: list[str]) -> None:
+    from calicoctl_py.cli import parser
+    try:
+        parser().parse_args(argv)
+    except SystemExit as exc:
+        assert exc.code in (0, 1), f"{argv}: exit {exc.code} (2 means etcd unreachable)"
+
+
+def test_a_document_without_api_version_is_refused_naming_the_field() -> None:
+    with pytest.raises(UserError, match="field apiVersion: missing"):
+        normalise("f document 1", {"kind": "BGPPeer", "metadata": {"name": "p"},
+                                   "spec": {"peerIP": "10.0.0.1", "asNumber": 65001}})
+
+
 # ------------------------------------------------------------------ BGP: what a peer announces
 
 POOLS = [IPPool("p", ipaddress.ip_network("10.244.0.0/16"), 26),

@@ -70,6 +70,7 @@ class _NodeView:
 
     config: IPAMConfig
     pools: list[IPPool]
+    pool_revisions: dict[str, int]  # a block is only claimed for a pool still as read here
     labels: dict[str, str]
     affinities: dict[IPNetwork, tuple[BlockAffinity, KeyValue]]
     handle: KeyValue | None
@@ -78,6 +79,10 @@ class _NodeView:
 
 def _pools(snapshot: Snapshot) -> list[IPPool]:
     return [IPPool.from_v3(kv.json()) for kv in snapshot.prefixes[keys.resource_prefix(POOLS)]]
+
+
+def _pool_revisions(snapshot: Snapshot) -> dict[str, int]:
+    return {kv.key.rsplit("/", 1)[-1]: kv.mod_revision for kv in snapshot.prefixes[keys.resource_prefix(POOLS)]}
 
 
 def _now_rfc3339() -> str:
@@ -152,6 +157,7 @@ class IPAM:
         return _NodeView(
             config=IPAMConfig.from_json(config_kv.json() if config_kv else None),
             pools=_pools(snapshot),
+            pool_revisions=_pool_revisions(snapshot),
             labels=labels,
             affinities=affinities,
             handle=snapshot.keys[keys.handle_key(handle_id)],
@@ -193,6 +199,11 @@ class IPAM:
             existing = view.affinities.get(after.cidr)
             conditions.append(ModRevisionIs(affinity_key, existing[1].mod_revision if existing else 0))
             operations.append(Put.json(affinity_key, BlockAffinity(claim_for, after.cidr).to_json()))
+            # The pool as read: a pool deleted (and maybe re-created with another blockSize) since gets no block
+            # of its old shape.
+            pool = blocks.pool_for_block(after.cidr, view.pools)
+            assert pool is not None, f"claim of {after.cidr}, which is a block of no pool"
+            conditions.append(ModRevisionIs(keys.resource_key(POOLS, pool.name), view.pool_revisions[pool.name]))
         if extra is not None:
             operations += extra(addresses)
         await self._cas(conditions, operations, landed=lambda: self._holds(after.cidr, handle_id, addresses))
@@ -248,12 +259,17 @@ class IPAM:
         if not pools:
             raise NoEligiblePool(self._no_pool_reason(view.pools, version, node, requested))
 
-        # 1. The node's own confirmed blocks.
-        affine = sorted(c for c, (a, _) in view.affinities.items() if a.confirmed and blocks.pool_of(c, pools))
+        # 1. The node's own confirmed blocks: blocks of an eligible pool (inside it, of its blockSize).
+        affine = sorted(c for c, (a, _) in view.affinities.items() if a.confirmed and blocks.pool_for_block(c, pools))
+        existing: dict[IPNetwork, tuple[Block, KeyValue]] | None = None
         if affine:
             found = view.blocks
             if any(keys.block_key(c) not in found for c in affine):
-                found = (await self.store.read(keys=[keys.block_key(c) for c in affine])).keys
+                # New affine blocks are checked against every block once; a hinted block passed that check, and
+                # no block can appear over it since (pools refuse misfit blocks; claims are guarded by the pool).
+                existing = await self._blocks(version)
+                affine = [c for c in affine if not any(c.overlaps(e) for e in existing if e != c)]  # type: ignore[arg-type]
+                found = {keys.block_key(c): existing[c][1] if c in existing else None for c in affine}
                 self._affine_hint[(node, version)] = affine
             for cidr in affine:
                 kv = found[keys.block_key(cidr)]
@@ -266,7 +282,8 @@ class IPAM:
                     return addresses
 
         # 2. A new block.
-        existing = await self._blocks(version)
+        if existing is None:
+            existing = await self._blocks(version)
         cap = view.config.max_blocks_per_host
         if view.config.auto_allocate_blocks and (cap == 0 or len(affine) < cap):
             cidr = blocks.choose_new_block(pools, {c: b for c, (b, _) in existing.items()}, node)
@@ -320,13 +337,18 @@ class IPAM:
             pool = next((p for p in view.pools if not p.disabled and address in p.cidr), None)
             if pool is None:
                 raise AddressNotInPool(f"{address} is not in any enabled IP pool")
+            existing = await self._blocks(address.version)
             cidr = blocks.block_containing(address, pool.block_size)
-            kv = await self.store.get(keys.block_key(cidr))
-            if kv is None:
+            clashing = sorted(c for c in existing if c != cidr and c.overlaps(cidr))  # type: ignore[arg-type]
+            if clashing:
+                raise AddressInUse(
+                    f"{address}: block {cidr} of pool {pool.name!r} overlaps block {', '.join(map(str, clashing))} "
+                    "of another blockSize; release that block's addresses first")
+            if cidr not in existing:
                 after = blocks.allocate_address(self._new_block(cidr, node), address, attribute)
                 await self._write_allocation(None, after, [address], view, handle_id, claim_for=node)
                 return
-            block = Block.from_json(kv.json())
+            block, kv = existing[cidr]
             if view.config.strict_affinity and block.host != node:
                 raise AddressInUse(f"{address} lies in block {cidr} of node {block.host} and strictAffinity "
                                    "forbids borrowing it")

@@ -59,25 +59,68 @@ def pool_of(cidr: IPNetwork, pools: Iterable[IPPool]) -> IPPool | None:
     return None
 
 
+def pool_for_block(cidr: IPNetwork, pools: Iterable[IPPool]) -> IPPool | None:
+    """The pool ``cidr`` is a block of: inside the pool and of its blockSize (a block left by a deleted pool of
+    another blockSize lies inside the new pool but is none of its blocks)."""
+    pool = pool_of(cidr, pools)
+    return pool if pool is not None and cidr.prefixlen == pool.block_size else None
+
+
+def misfits(pool: IPPool, existing: Iterable[IPNetwork]) -> list[IPNetwork]:
+    """Existing blocks in the pool's range that are not blocks of the pool: of another size, or reaching past its
+    CIDR. Sorted; normally none (a pool cannot be created over them)."""
+    return sorted(c for c in existing if c.version == pool.version and c.overlaps(pool.cidr)  # type: ignore[arg-type]
+                  and (c.prefixlen != pool.block_size or not c.subnet_of(pool.cidr)))  # type: ignore[arg-type]
+
+
+def overlapping(existing: Iterable[IPNetwork]) -> list[tuple[IPNetwork, IPNetwork]]:
+    """(earlier, later) for every block that overlaps one before it in address order; a block that covers
+    several others is named with each of them."""
+    found: list[tuple[IPNetwork, IPNetwork]] = []
+    for version in (4, 6):
+        ordered = sorted((c for c in existing if c.version == version),
+                         key=lambda c: (int(c.network_address), c.prefixlen))
+        widest: IPNetwork | None = None  # the block reaching furthest so far
+        for cidr in ordered:
+            if widest is not None and int(cidr.network_address) <= int(widest.broadcast_address):
+                found.append((widest, cidr))
+            if widest is None or int(cidr.broadcast_address) > int(widest.broadcast_address):
+                widest = cidr
+    return found
+
+
+def usable_blocks(pools: Sequence[IPPool], existing: Iterable[IPNetwork]) -> set[IPNetwork]:
+    """The existing blocks an allocation may use: blocks of one of ``pools`` (inside it, of its blockSize) that
+    overlap no other block. Any other block could hand out an address another block holds too."""
+    cidrs = list(existing)
+    clashing = {c for pair in overlapping(cidrs) for c in pair}
+    return {c for c in cidrs if c not in clashing and pool_for_block(c, pools) is not None}
+
+
 def choose_new_block(pools: Sequence[IPPool], existing: Mapping[IPNetwork, Block], node: str) -> IPNetwork | None:
-    """The first block, in each pool's walk order for this node, that no one has created yet."""
+    """The first block, in each pool's walk order for this node, that no one has created yet and that overlaps
+    no existing block."""
     for pool in pools:
-        taken = sum(1 for cidr in existing if pool_of(cidr, (pool,)))
+        taken = sum(1 for cidr in existing if pool_for_block(cidr, (pool,)))
         if taken >= block_count(pool):
             continue
-        # At most `taken + 1` steps: the walk visits distinct blocks and only `taken` of them exist.
+        foreign = misfits(pool, existing)
+        # Without misfits at most `taken + 1` steps: the walk visits distinct blocks and only `taken` of them exist.
         for cidr in walk_order(pool, node):
-            if cidr not in existing:
+            if cidr not in existing and not any(cidr.overlaps(f) for f in foreign):  # type: ignore[arg-type]
                 return cidr
     return None
 
 
 def borrow_candidates(pools: Sequence[IPPool], existing: Mapping[IPNetwork, Block], node: str) -> list[Block]:
-    """Blocks with room that are not affine to ``node``, in each pool's walk order for the node."""
+    """Usable blocks (:func:`usable_blocks`) with room that are not affine to ``node``, in each pool's walk order
+    for the node."""
+    usable = usable_blocks(pools, existing)
     candidates: list[Block] = []
     for pool in pools:
         count, start = block_count(pool), walk_start(pool, node)
-        mine = [b for cidr, b in existing.items() if b.free and b.host != node and pool_of(cidr, (pool,))]
+        mine = [b for cidr, b in existing.items() if b.free and b.host != node and cidr in usable
+                and pool_of(cidr, (pool,))]
         mine.sort(key=lambda b: (block_index(pool, b.cidr) - start) % count)
         candidates.extend(mine)
     return candidates

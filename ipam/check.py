@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -120,8 +119,13 @@ def check(state: IPAMState, known_nodes: Iterable[str] | None = None,
 
     for cidr, (block, _) in sorted(state.blocks.items(), key=lambda item: _network_key(item[0])):
         problems += _block_shape_problems(block)
-        if blocks.pool_of(cidr, state.pools) is None:
+        pool = blocks.pool_of(cidr, state.pools)
+        if pool is None:
             problems.append(Problem("block-outside-pools", f"block {cidr} lies in no IP pool", block=str(cidr)))
+        elif cidr.prefixlen != pool.block_size:
+            problems.append(Problem("block-wrong-size", f"block {cidr} is no block of pool {pool.name!r}, whose "
+                                    f"blockSize is {pool.block_size}: no address is allocated from it",
+                                    block=str(cidr)))
         for ordinal, index in enumerate(block.allocations):
             if index is None or index >= len(block.attributes):
                 continue
@@ -148,11 +152,9 @@ def check(state: IPAMState, known_nodes: Iterable[str] | None = None,
                 problems.append(Problem("block-affine-to-missing-node", f"block {cidr} is affine to node {host}, "
                                         "which no longer exists", block=str(cidr), node=host))
 
-    ordered = sorted(state.blocks, key=_network_key)
-    for first, second in itertools.pairwise(ordered):
-        if first.version == second.version and first.overlaps(second):
-            problems.append(Problem("overlapping-blocks", f"blocks {first} and {second} overlap: an address "
-                                    "could be allocated twice", block=str(second)))
+    for first, second in blocks.overlapping(state.blocks):
+        problems.append(Problem("overlapping-blocks", f"blocks {first} and {second} overlap: an address "
+                                "could be allocated twice", block=str(second)))
 
     for handle_id, (handle, _) in sorted(state.handles.items()):
         actual = held.get(handle_id, Counter())

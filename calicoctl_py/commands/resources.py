@@ -18,10 +18,10 @@ import yaml
 
 from calicoctl_py.output import dump, table
 from ipam import keys
-from ipam.check import load_state
 from ipam.datastore import Condition, Datastore, Delete, ModRevisionIs, Operation, PrefixUnchangedSince, Put
-from ipam.errors import InvalidResource, IPAMError, ResourceExists, ResourceNotFound
+from ipam.errors import ConflictRetriesExhausted, InvalidResource, IPAMError, ResourceExists, ResourceNotFound
 from ipam.model import IPPool, check_overlap
+from ipam.pools import PoolInUse, block_cidrs, check_blocks_fit, delete_pool
 from ipam.validation import validate
 
 
@@ -151,9 +151,11 @@ async def write(store: Datastore, documents: list[tuple[str, Any]], mode: str) -
                             "nothing was written")
         seen[key] = label
     pool_prefix = keys.resource_prefix("ippools")
-    snapshot = await store.read(keys=list(seen), prefixes=[pool_prefix])
-    existing_pools = [IPPool.from_v3(kv.json()) for kv in snapshot.prefixes[pool_prefix]]
     new_pools = [IPPool.from_v3(obj) for _, obj in objects if obj["kind"] == "IPPool"]
+    block_prefixes = [keys.blocks_prefix(version) for version in sorted({p.version for p in new_pools})]
+    snapshot = await store.read(keys=list(seen), prefixes=[pool_prefix, *block_prefixes])
+    existing_pools = [IPPool.from_v3(kv.json()) for kv in snapshot.prefixes[pool_prefix]]
+    existing_blocks = block_cidrs(kv for prefix in block_prefixes for kv in snapshot.prefixes[prefix])
     conditions: list[Condition] = []
     operations: list[Operation] = []
     messages = []
@@ -173,6 +175,8 @@ async def write(store: Datastore, documents: list[tuple[str, Any]], mode: str) -
                                           else "spec.blockSize", "cannot change on an existing pool; create a new pool")
                 check_overlap(pool, [p for p in existing_pools if p.name != pool.name]
                               + [p for p in new_pools if p.name != pool.name])
+                if current is None:
+                    check_blocks_fit(pool, existing_blocks)
             except InvalidResource as exc:
                 raise UserError(f"{label}: {exc}; nothing was written") from None
         if kv is not None and kv.json() == obj:
@@ -191,34 +195,22 @@ async def write(store: Datastore, documents: list[tuple[str, Any]], mode: str) -
     return messages
 
 
-async def pool_in_use(store: Datastore, pool: IPPool) -> int:
-    state = await load_state(store)
-    return sum(block.in_use for cidr, (block, _) in state.blocks.items()
-               if cidr.version == pool.cidr.version and cidr.subnet_of(pool.cidr))  # type: ignore[arg-type]
-
-
 async def delete(store: Datastore, targets: list[tuple[str, str]], force: bool = False) -> list[str]:
-    """Delete (kind, name) pairs. A pool with allocations is refused unless ``force``, which disables it first
-    (no new addresses from it) and then deletes it."""
+    """Delete (kind, name) pairs. A pool goes with its empty blocks and their affinities (ipam.pools.delete_pool);
+    one with allocations is refused unless ``force``, whose blocks that hold addresses stay, affine to no node."""
     messages = []
     for kind_text, name in targets:
         kind = kind_named(kind_text)
+        if kind.name == "IPPool":
+            try:
+                messages.append((await delete_pool(store, name, force=force)).summary())
+            except (ResourceNotFound, PoolInUse, ConflictRetriesExhausted) as exc:
+                raise UserError(str(exc)) from None
+            continue
         key = keys.resource_key(kind.plural, name)
         kv = await store.get(key)
         if kv is None:
             raise UserError(f"{kind.name} {name!r} does not exist")
-        if kind.name == "IPPool":
-            pool = IPPool.from_v3(kv.json())
-            used = await pool_in_use(store, pool)
-            if used and not force:
-                raise UserError(f"IPPool {name!r} still has {used} addresses allocated; release them, or use "
-                                "--force to disable and delete it anyway")
-            if used:
-                disabled = {**pool.to_v3(), "spec": {**pool.to_v3()["spec"], "disabled": True}}
-                if not (await store.txn([ModRevisionIs(key, kv.mod_revision)], [Put.json(key, disabled)])).succeeded:
-                    raise UserError(f"IPPool {name!r} changed meanwhile; run the command again")
-                kv = await store.get(key)
-                assert kv is not None
         if not (await store.txn([ModRevisionIs(key, kv.mod_revision)], [Delete(key)])).succeeded:
             raise UserError(f"{kind.name} {name!r} changed meanwhile; run the command again")
         messages.append(f"{kind.name} {name!r} deleted")

@@ -92,6 +92,7 @@ class BlockRemoval:
     conditions: tuple[Condition, ...]
     operations: tuple[Operation, ...]
     kept: bool  # still holds addresses: stays, affine to no node, so nothing new is allocated from it
+    block_deleted: bool  # False for a kept block, and for affinities whose block no longer exists
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class PoolRemoval:
 
     @property
     def deleted_blocks(self) -> list[IPNetwork]:
-        return [b.cidr for b in self.blocks if not b.kept]
+        return [b.cidr for b in self.blocks if b.block_deleted]
 
     @property
     def kept_blocks(self) -> list[IPNetwork]:
@@ -151,17 +152,18 @@ def plan_removal(pool: IPPool, pool_revision: int, found_blocks: Mapping[IPNetwo
     for cidr in sorted(set(affinities_of) | {c for c in found_blocks if inside(c)}):
         conditions: list[Condition] = []
         operations: list[Operation] = []
-        kept = False
+        kept = deleted = False
         if cidr in found_blocks:
             block, block_revision = found_blocks[cidr]
             kept = not block.is_empty
+            deleted = not kept
             conditions.append(ModRevisionIs(keys.block_key(cidr), block_revision))
             operations.append(Put.json(keys.block_key(cidr), blocks.with_affinity(block, None).to_json()) if kept
                               else Delete(keys.block_key(cidr)))
         for node, affinity_revision in affinities_of.get(cidr, []):
             conditions.append(ModRevisionIs(keys.affinity_key(node, cidr), affinity_revision))
             operations.append(Delete(keys.affinity_key(node, cidr)))
-        removals.append(BlockRemoval(cidr, tuple(conditions), tuple(operations), kept))
+        removals.append(BlockRemoval(cidr, tuple(conditions), tuple(operations), kept, deleted))
     pool_key = keys.resource_key(PLURAL, pool.name)
     return PoolRemoval(
         pool=pool, in_use=in_use, blocks=tuple(removals),

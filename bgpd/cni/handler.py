@@ -2,6 +2,9 @@
 
 ADD is all or nothing: if a step after IPAM fails, the plumbing made so far is removed and the addresses are
 released before the error goes back, so a runtime never sees a half-plumbed pod.
+
+The pod's network namespace comes as a descriptor the shim opened (``spec.Netns``); CNI_NETNS is never opened
+here. DEL needs none: it works on the host side only, so it succeeds when the namespace is already gone.
 """
 
 from __future__ import annotations
@@ -89,18 +92,20 @@ class CNIHandler:
         self.changed = changed  # wakes the reconciler (a new block may need its blackhole)
         self._claimed = 0
 
-    async def handle(self, plugin: str, env: dict[str, str], stdin: str) -> tuple[int, str]:
+    async def handle(self, plugin: str, env: dict[str, str], stdin: str, netns: spec.Netns = spec.NO_NETNS
+                     ) -> tuple[int, str]:
+        """One request; ``netns`` is CNI_NETNS as the shim opened it (its descriptor stays the caller's)."""
         started = time.monotonic()
-        code, out = await self._handle(plugin, env, stdin)
+        code, out = await self._handle(plugin, env, stdin, netns)
         self.observe(env.get("CNI_COMMAND", "?"), "ok" if code == 0 else "error", time.monotonic() - started)
         return code, out
 
-    async def _handle(self, plugin: str, env: dict[str, str], stdin: str) -> tuple[int, str]:
+    async def _handle(self, plugin: str, env: dict[str, str], stdin: str, netns: spec.Netns) -> tuple[int, str]:
         version = spec.CURRENT_VERSION
         try:
             request = spec.parse_request(env, stdin)
             version = request.cni_version
-            body = await self._dispatch(plugin, request)
+            body = await self._dispatch(plugin, request, netns)
             return 0, json.dumps(body) + "\n" if body is not None else ""
         except CNIError as exc:
             log.warning("cni %s %s failed: code=%s %s", env.get("CNI_COMMAND"), env.get("CNI_CONTAINERID"),
@@ -110,7 +115,7 @@ class CNIHandler:
             log.exception("cni %s crashed", env.get("CNI_COMMAND"))
             return 1, json.dumps(CNIError(spec.INTERNAL, f"internal error: {exc}").to_json(version)) + "\n"
 
-    async def _dispatch(self, plugin: str, request: Request) -> dict[str, Any] | None:
+    async def _dispatch(self, plugin: str, request: Request, netns: spec.Netns) -> dict[str, Any] | None:
         command = request.command
         if command == "VERSION":
             return spec.version_result(request.cni_version)
@@ -125,7 +130,9 @@ class CNIHandler:
             if ipam_type != IPAM_PLUGIN:
                 raise CNIError(spec.INVALID_NETWORK_CONFIG, f"ipam type {ipam_type!r} is not supported by calico-py; "
                                                             f"use {IPAM_PLUGIN}")
-            return await {"ADD": self._add, "DEL": self._del, "CHECK": self._check}[command](request)
+            if command == "DEL":
+                return await self._del(request)
+            return await {"ADD": self._add, "CHECK": self._check}[command](request, self._pod_netns(netns))
         return await {"ADD": self._ipam_add, "DEL": self._ipam_del, "CHECK": self._ipam_check}[command](request)
 
     async def _datastore(self, call: Awaitable[T]) -> T:
@@ -204,11 +211,22 @@ class CNIHandler:
 
     # ------------------------------------------------------------------ main plugin
 
-    def _workload(self, request: Request) -> workloads.Workload:
+    @staticmethod
+    def _pod_netns(netns: spec.Netns) -> int:
+        """The descriptor of the pod's namespace for ADD and CHECK, or the spec's error."""
+        error = spec.netns_error(netns)
+        if error is not None:
+            raise error
+        assert netns.fd is not None
+        if not workloads.is_network_namespace(netns.fd):
+            raise CNIError(spec.INVALID_ENVIRONMENT, f"CNI_NETNS {netns.path} is not a network namespace")
+        return netns.fd
+
+    def _workload(self, request: Request, netns_fd: int) -> workloads.Workload:
         mtu = int(request.config.get("mtu") or self.default_mtu())
         host_if = workloads.host_interface_name(request.pod_namespace, request.pod_name, request.container_id)
-        return workloads.Workload(host_if=host_if, pod_if=request.ifname, netns=request.netns, addresses=(),
-                                  mtu=mtu, pod_mac=workloads.random_mac())
+        return workloads.Workload(host_if=host_if, pod_if=request.ifname, netns_fd=netns_fd, sandbox=request.netns,
+                                  addresses=(), mtu=mtu, pod_mac=workloads.random_mac())
 
     def _wep_id(self, request: Request) -> tuple[str, str]:
         """(namespace, name) of the request's WorkloadEndpoint, by Calico's naming."""
@@ -232,13 +250,13 @@ class CNIHandler:
             ip_networks=tuple(str(a) for a in workload.addresses), mac=workload.pod_mac,
             orchestrator="k8s" if request.pod_name else "cni")
 
-    async def _add(self, request: Request) -> dict[str, Any]:
+    async def _add(self, request: Request, netns_fd: int) -> dict[str, Any]:
         """The datastore and the kernel work side by side: the veth pair (up, with the pod's routes) is made while
         IPAM allocates, and the endpoint record is written in IPAM's own transaction (or, for several addresses,
         while the pod's address is set). Only the host route waits for the record: the reconciler keeps the
         routes of recorded endpoints only, so a route plumbed before its record exists could be taken away by a
         reconcile running meanwhile."""
-        workload = self._workload(request)
+        workload = self._workload(request, netns_fd)
         wep: WorkloadEndpoint | None = None
 
         def record(addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> list[Put]:
@@ -261,8 +279,6 @@ class CNIHandler:
             await self.netlink.run(lambda _: workloads.route_to_pod(workload, index))
         except BaseException as exc:
             await self._undo(workload, request, wep, datastore_down=isinstance(exc, DatastoreDown))
-            if isinstance(exc, workloads.NetnsGone):
-                raise CNIError(spec.UNKNOWN_CONTAINER, str(exc)) from None
             if isinstance(exc, workloads.PlumbingError):
                 raise CNIError(spec.IO_FAILURE, str(exc)) from None
             raise
@@ -324,14 +340,15 @@ class CNIHandler:
         log.info("cni DEL container=%s pod=%s/%s", request.container_id, request.pod_namespace, request.pod_name)
         # No reconcile needed: the pod's route went with its veth, and an emptied block stays with the node.
 
-    async def _check(self, request: Request) -> None:
+    async def _check(self, request: Request, netns_fd: int) -> None:
         held = await self._datastore(self.ipam.store.get(f"/calico/ipam/v2/handle/{request.handle_id}"))
         if held is None:
             raise CNIError(spec.UNKNOWN_CONTAINER, f"no addresses are held for {request.handle_id}")
         wep = await self._stored_wep(request)
         if wep is None or not self._is_own(wep, request):
             raise CNIError(spec.UNKNOWN_CONTAINER, f"no workload endpoint for container {request.container_id}")
-        workload = workloads.Workload(host_if=wep.interface, pod_if=request.ifname, netns=request.netns,
+        workload = workloads.Workload(host_if=wep.interface, pod_if=request.ifname, netns_fd=netns_fd,
+                                      sandbox=request.netns,
                                       addresses=tuple(ipaddress.ip_interface(n) for n in wep.ip_networks),
                                       mtu=self.default_mtu())
         problems = await self.netlink.run(lambda ipr: workloads.check(ipr, workload))

@@ -4,15 +4,18 @@
  * where no C compiler exists; this file must answer byte for byte as it does (the tests compare them).
  *
  * It answers VERSION itself; anything else goes to the daemon of this network namespace on the abstract unix
- * socket @calico-py-cni in the framing that shim.py defines:
- *   request: "CNI1\0" plugin "\0" { "CNI_NAME=VALUE\0" } "\0" stdin-bytes, then a half-close;
+ * socket @calico-py-cni in the wire format of docs/cni.md (shim.py is its Python definition):
+ *   request: "CNI2\0" plugin "\0" netns-field "\0" { "CNI_NAME=VALUE\0" } "\0" stdin-bytes, then a half-close;
  *   answer:  exit-code-in-decimal "\n" stdout-bytes, up to EOF.
+ * The netns field is this process's open(CNI_NETNS): "0" with the descriptor on the first bytes (SCM_RIGHTS), else
+ * the errno in decimal, empty without CNI_NETNS. The shim has the runtime's privileges; the daemon opens no path.
  *
  * libc only, C99. bgpd/cni/install.py builds it: cc -std=c11 -O2 -s [-static].
  */
 #define _POSIX_C_SOURCE 200809L
 
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -27,7 +30,9 @@
 #define TIMEOUT_SECONDS 150         /* as shim.py: beyond the daemon's own datastore deadlines */
 #define TRY_AGAIN_LATER 11
 #define IO_FAILURE 5
-#define MAGIC "CNI1"                /* + its NUL */
+#define MAGIC "CNI2"                /* + its NUL */
+/* As shim.py: O_NONBLOCK so a FIFO under CNI_NETNS cannot hang the shim. */
+#define NETNS_OPEN_FLAGS (O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)
 #define ENV_PREFIX "CNI_"
 
 static const char VERSION_ANSWER[] =
@@ -136,6 +141,35 @@ static int error(int code, const char *msg, const char *details)
     return 1;
 }
 
+/* The whole buffer, the descriptor (if any, fd >= 0) riding on its first bytes. */
+static int send_request(int sock, const char *data, size_t len, int fd)
+{
+    if (fd >= 0) {
+        union {
+            struct cmsghdr header;
+            char space[CMSG_SPACE(sizeof(int))];
+        } control;
+        memset(&control, 0, sizeof control);
+        struct iovec iov = {.iov_base = (void *)data, .iov_len = len};
+        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.space,
+                             .msg_controllen = sizeof control.space};
+        struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+        cmsg->cmsg_level = SOL_SOCKET;
+        cmsg->cmsg_type = SCM_RIGHTS;
+        cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(cmsg), &fd, sizeof(int));
+        ssize_t n;
+        do
+            n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+        while (n < 0 && errno == EINTR);
+        if (n < 0)
+            return -1;
+        data += n;
+        len -= (size_t)n;
+    }
+    return write_all(sock, data, len);
+}
+
 static int not_answered(int err)
 {
     if (err == EAGAIN || err == EWOULDBLOCK) /* what SO_RCVTIMEO / SO_SNDTIMEO expiring looks like */
@@ -161,6 +195,16 @@ static int request(const char *plugin)
     struct buf req = {0}, answer = {0};
     add(&req, MAGIC, sizeof MAGIC); /* with its NUL */
     add_z(&req, plugin);
+    const char *netns = getenv("CNI_NETNS");
+    int netns_fd = -1;
+    if (netns != NULL && *netns) {
+        char field[16];
+        netns_fd = open(netns, NETNS_OPEN_FLAGS);
+        snprintf(field, sizeof field, "%d", netns_fd >= 0 ? 0 : errno);
+        add_z(&req, field);
+    } else {
+        add(&req, "", 1);
+    }
     for (char **env = environ; *env != NULL; env++)
         if (strncmp(*env, ENV_PREFIX, strlen(ENV_PREFIX)) == 0)
             add_z(&req, *env);
@@ -200,9 +244,11 @@ static int request(const char *plugin)
                          "no listener on the abstract socket @" SOCKET_NAME " in this network namespace");
         return not_answered(errno);
     }
-    if (write_all(fd, req.data, req.len) < 0 || shutdown(fd, SHUT_WR) < 0)
+    if (send_request(fd, req.data, req.len, netns_fd) < 0 || shutdown(fd, SHUT_WR) < 0)
         return not_answered(errno);
     free(req.data);
+    if (netns_fd >= 0)
+        close(netns_fd);
 
     for (;;) {
         reserve(&answer, 65536);

@@ -10,14 +10,20 @@ environment and stdin to the node daemon over the abstract unix socket ``@calico
 belong to a network namespace, so the shim always reaches the daemon of the node (namespace) it runs in, with no
 per-node configuration -- and prints what the daemon answers. VERSION is answered here.
 
-The framing (this module is its one definition: the daemon's server imports it; shim.c speaks it too), simple
-enough for C to write and read without a JSON parser:
+The framing (docs/cni.md "The wire format" is its specification; this module is its one Python definition,
+which the daemon's server imports; shim.c speaks it too, and tests/unit/test_cni_protocol.py holds both shims
+to it), simple enough for C to write and read without a JSON parser:
 
-- request: ``CNI1\\0`` + plugin name + ``\\0``, then ``NAME=VALUE\\0`` for every ``CNI_*`` variable, then an
-  empty entry (``\\0``), then stdin's raw bytes to the end; the shim half-closes its side after it.
+- request: ``CNI2\\0`` + plugin name + ``\\0``, then the netns field + ``\\0``, then ``NAME=VALUE\\0`` for every
+  ``CNI_*`` variable, then an empty entry (``\\0``), then stdin's raw bytes to the end; the shim half-closes its
+  side after it. The netns field is the result of the shim's own ``open(CNI_NETNS)``: ``0`` when it opened it
+  and the descriptor rides on the request's first bytes (SCM_RIGHTS), else the errno in ASCII decimal; empty when
+  CNI_NETNS is unset or empty. The shim runs with the runtime's privileges, so the daemon never opens a path a
+  runtime gave: a container's ``/proc/<pid>/ns/net`` may refuse it (docs/security.md).
 - answer: the exit code in ASCII decimal + ``\\n``, then the plugin's stdout bytes to the end.
 """
 
+import errno
 import json
 import os
 import socket
@@ -29,7 +35,10 @@ VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 TIMEOUT = 150.0  # beyond the daemon's own datastore deadlines; runtimes allow minutes
 TRY_AGAIN_LATER = 11
 IO_FAILURE = 5
-MAGIC = b"CNI1\0"
+MAGIC = b"CNI2\0"
+OLD_MAGIC = b"CNI1\0"  # the framing before the netns field: an older shim
+# O_NONBLOCK: a FIFO under CNI_NETNS must not hang the shim (it is no namespace; the daemon says so)
+NETNS_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 ENV_PREFIX = "CNI_"
 
 
@@ -38,35 +47,57 @@ def version_answer() -> str:
     return json.dumps({"cniVersion": "1.1.0", "supportedVersions": VERSIONS}) + "\n"
 
 
-def encode_request(plugin: str, env: Mapping[str, str], stdin: bytes) -> bytes:
-    """The request for ``plugin``: the ``CNI_*`` variables of ``env`` (in its order) and the raw ``stdin``."""
+def encode_request(plugin: str, env: Mapping[str, str], stdin: bytes, netns_errno: int | None = None) -> bytes:
+    """The request for ``plugin``: the ``CNI_*`` variables of ``env`` (in its order), the raw ``stdin`` and the
+    outcome of opening CNI_NETNS (``netns_errno``: 0 opened, its descriptor sent along; an errno; None: no
+    CNI_NETNS)."""
     # surrogateescape: os.environ holds undecodable bytes that way; they go out as the bytes they were
     entries = [f"{name}={value}\0".encode("utf-8", "surrogateescape")
                for name, value in env.items() if name.startswith(ENV_PREFIX)]
-    return b"".join([MAGIC, plugin.encode(), b"\0", *entries, b"\0", stdin])
+    netns = b"" if netns_errno is None else str(netns_errno).encode()
+    return b"".join([MAGIC, plugin.encode(), b"\0", netns, b"\0", *entries, b"\0", stdin])
 
 
-def decode_request(raw: bytes) -> tuple[str, dict[str, str], str]:
-    """(plugin, CNI_* environment, stdin as text) of a request; ValueError if it is not one."""
+def _field(raw: bytes, start: int, what: str) -> tuple[bytes, int]:
+    """The NUL-terminated field of ``raw`` at ``start`` and where the next one starts."""
+    end = raw.find(b"\0", start)
+    if end < 0:
+        raise ValueError(f"{what} not terminated")
+    return raw[start:end], end + 1
+
+
+def decode_request(raw: bytes, descriptors: int = 0) -> tuple[str, dict[str, str], str, int | None]:
+    """(plugin, CNI_* environment, stdin as text, netns errno) of a request that came with ``descriptors``
+    file descriptors; ValueError if it is not one, or if what came along does not match its netns field."""
+    if raw.startswith(OLD_MAGIC):
+        raise ValueError("a CNI1 request: the calico-py plugin in the CNI bin directory is older than the node "
+                         "daemon; reinstall the CNI plugins")
     if not raw.startswith(MAGIC):
-        raise ValueError("no CNI1 header")
-    end = raw.find(b"\0", len(MAGIC))
-    if end <= len(MAGIC):
+        raise ValueError("no CNI2 header")
+    name, at = _field(raw, len(MAGIC), "plugin name")
+    if not name:
         raise ValueError("no plugin name")
-    plugin = raw[len(MAGIC):end].decode()  # strict: a name is ASCII
+    plugin = name.decode()  # strict: a name is ASCII
+    netns, at = _field(raw, at, "netns field")
+    # isdigit() on bytes is ASCII digits only; an errno has at most 4 of them
+    if netns and not (netns.isdigit() and len(netns) <= 4):
+        raise ValueError(f"bad netns field {netns[:20]!r}")
+    netns_errno = int(netns) if netns else None
     env: dict[str, str] = {}
     while True:
-        start, end = end + 1, raw.find(b"\0", end + 1)
-        if end < 0:
-            raise ValueError("environment not terminated")
-        if end == start:
+        entry, at = _field(raw, at, "environment")
+        if not entry:
             break
-        name, sep, value = raw[start:end].decode("utf-8", "surrogateescape").partition("=")
-        if not sep or not name.startswith(ENV_PREFIX):
-            raise ValueError(f"bad environment entry {name[:50]!r}")
-        env[name] = value
+        key, sep, value = entry.decode("utf-8", "surrogateescape").partition("=")
+        if not sep or not key.startswith(ENV_PREFIX):
+            raise ValueError(f"bad environment entry {key[:50]!r}")
+        env[key] = value
+    if descriptors != (1 if netns_errno == 0 else 0):
+        raise ValueError(f"{descriptors} file descriptors came with netns field {netns.decode()!r}")
+    if (netns_errno is None) != (not env.get("CNI_NETNS")):
+        raise ValueError("the netns field does not match CNI_NETNS")
     # the configuration is JSON text; undecodable bytes become U+FFFD and the handler's parser judges the rest
-    return plugin, env, raw[end + 1:].decode("utf-8", "replace")
+    return plugin, env, raw[at:].decode("utf-8", "replace"), netns_errno
 
 
 def encode_response(code: int, stdout: str) -> bytes:
@@ -82,17 +113,35 @@ def decode_response(raw: bytes) -> tuple[int, bytes]:
     return int(head), stdout
 
 
+def open_netns(path: str) -> tuple[int | None, int | None]:
+    """(descriptor, netns errno) of CNI_NETNS opened with the caller's (the runtime's) privileges."""
+    if not path:
+        return None, None
+    try:
+        return os.open(path, NETNS_OPEN_FLAGS), 0
+    except OSError as exc:
+        return None, exc.errno or errno.EIO
+
+
 def exchange(plugin: str, env: Mapping[str, str], stdin: bytes, address: str = SOCKET) -> tuple[int, bytes]:
-    """One request to the daemon of this network namespace: (exit code, stdout bytes). OSError if the socket
-    fails, ValueError if the answer is malformed."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(TIMEOUT)
-        conn.connect(address)
-        conn.sendall(encode_request(plugin, env, stdin))
-        conn.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := conn.recv(65536):
-            chunks.append(chunk)
+    """One request to the daemon of this network namespace, CNI_NETNS's descriptor passed along: (exit code,
+    stdout bytes). OSError if the socket fails, ValueError if the answer is malformed."""
+    netns_fd, netns_errno = open_netns(env.get("CNI_NETNS", ""))
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(TIMEOUT)
+            conn.connect(address)
+            request = memoryview(encode_request(plugin, env, stdin, netns_errno))
+            # The descriptor rides on the first bytes; what sendmsg did not take follows without it.
+            sent = socket.send_fds(conn, [request], [netns_fd]) if netns_fd is not None else 0
+            conn.sendall(request[sent:])
+            conn.shutdown(socket.SHUT_WR)
+            chunks = []
+            while chunk := conn.recv(65536):
+                chunks.append(chunk)
+    finally:
+        if netns_fd is not None:
+            os.close(netns_fd)
     return decode_response(b"".join(chunks))
 
 

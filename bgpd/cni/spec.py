@@ -5,8 +5,10 @@ Pure and standard-library only: the shim imports it (it must start fast), the da
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +82,33 @@ class Request:
     @property
     def pod_name(self) -> str:
         return self.args.get("K8S_POD_NAME", "")
+
+
+@dataclass(frozen=True)
+class Netns:
+    """CNI_NETNS as the shim found it, opening it with the runtime's privileges: ``fd`` is the daemon's descriptor
+    of that namespace (received over the socket, valid for the one request), ``error`` the errno of the shim's
+    open when it failed. ``path`` is for messages only: the daemon never opens a path a runtime gave."""
+
+    path: str = ""
+    fd: int | None = None
+    error: int = 0
+
+
+NO_NETNS = Netns()
+
+
+def netns_error(netns: Netns) -> CNIError | None:
+    """The spec's error for an ADD or CHECK whose CNI_NETNS the shim could not open (None if it could): a
+    namespace that is gone is an unknown container (code 3), anything else an I/O failure naming the errno."""
+    if netns.fd is not None:
+        return None
+    if not netns.path:
+        return CNIError(INVALID_ENVIRONMENT, "CNI_NETNS is missing")
+    if netns.error == errno.ENOENT:
+        return CNIError(UNKNOWN_CONTAINER, f"network namespace {netns.path} does not exist")
+    return CNIError(IO_FAILURE, f"cannot open network namespace {netns.path}: {os.strerror(netns.error)}",
+                    "opened by the calico-py plugin with the container runtime's privileges")
 
 
 def parse_args(text: str) -> dict[str, str]:

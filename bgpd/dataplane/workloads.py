@@ -6,13 +6,16 @@ Pod side: the pod's /32 (/128) on ``CNI_IFNAME``, ``169.254.1.1 dev eth0 scope l
 it (IPv6: via fe80::ecee:eeff:feee:eeee).
 
 Every call here is synchronous netlink work; the daemon runs it in a thread. Pod-side work enters the pod's
-network namespace for the duration of one call and comes straight back (see :func:`in_netns`).
+network namespace for the duration of one call and comes straight back (see :func:`in_netns`). The namespace is
+a descriptor the CNI shim opened and passed over the socket: nothing here opens a path a runtime gave (a
+container's ``/proc/<pid>/ns/net`` refuses a process with fewer capabilities than the container's).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import ipaddress
 import os
@@ -35,6 +38,8 @@ GATEWAY_V6 = "fe80::ecee:eeff:feee:eeee"
 SCOPE_LINK = 253
 IFF_UP = 1
 IFACE_PREFIX = "cali"
+NS_GET_NSTYPE = 0xB703  # ioctl on a namespace descriptor: its CLONE_NEW* type (linux/nsfs.h)
+CLONE_NEWNET = 0x40000000
 
 T = TypeVar("T")
 Address = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -42,10 +47,6 @@ Address = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 class PlumbingError(Exception):
     """The kernel refused a step; the message names the step and the device."""
-
-
-class NetnsGone(PlumbingError):
-    """The pod's network namespace does not exist."""
 
 
 def host_interface_name(namespace: str, pod: str, container_id: str) -> str:
@@ -59,7 +60,8 @@ def host_interface_name(namespace: str, pod: str, container_id: str) -> str:
 class Workload:
     host_if: str
     pod_if: str
-    netns: str
+    netns_fd: int  # the pod's network namespace: a descriptor the caller holds open for as long as it works here
+    sandbox: str  # CNI_NETNS as the runtime named it, for messages only (never opened)
     addresses: tuple[Address, ...]
     mtu: int
     pod_mac: str = ""  # chosen here, so nothing has to be read back from the pod
@@ -72,21 +74,26 @@ def random_mac() -> str:
     return ":".join(f"{b:02x}" for b in octets)
 
 
+def is_network_namespace(fd: int) -> bool:
+    """Whether ``fd`` is a network namespace (a runtime may name any file as CNI_NETNS)."""
+    try:
+        return fcntl.ioctl(fd, NS_GET_NSTYPE) == CLONE_NEWNET
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
-def entered(path: str) -> Iterator[None]:
-    """The calling thread inside the network namespace at ``path`` for the block, and always back after it
+def entered(netns_fd: int) -> Iterator[None]:
+    """The calling thread inside the network namespace ``netns_fd`` for the block, and always back after it
     (``setns`` changes only the calling thread; sockets keep the namespace they were opened in). Entering in
     place saves a thread per pod; a thread that could not come back would plumb the wrong namespace, so that is
     fatal."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)  # the daemon's own thread
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise NetnsGone(f"network namespace {path} does not exist") from None
-    except OSError as exc:
-        raise PlumbingError(f"cannot open network namespace {path}: {exc.strerror}") from None
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        setns(fd)
+        try:
+            setns(netns_fd)
+        except OSError as exc:
+            raise PlumbingError(f"cannot enter the pod's network namespace: {exc.strerror}") from None
         try:
             yield
         finally:
@@ -96,13 +103,12 @@ def entered(path: str) -> Iterator[None]:
                 os.write(2, f"FATAL cannot return to the node's network namespace: {exc}\n".encode())
                 os._exit(70)
     finally:
-        os.close(fd)
         os.close(home)
 
 
-def in_netns(path: str, work: Callable[[IPRoute], T]) -> T:
-    """Run ``work(ipr)`` with an ``IPRoute`` inside the network namespace at ``path`` (reads: CHECK)."""
-    with entered(path), IPRoute() as ipr:
+def in_netns(netns_fd: int, work: Callable[[IPRoute], T]) -> T:
+    """Run ``work(ipr)`` with an ``IPRoute`` inside the network namespace ``netns_fd`` (reads: CHECK)."""
+    with entered(netns_fd), IPRoute() as ipr:
         return work(ipr)
 
 
@@ -131,25 +137,16 @@ def create_link(ipr: IPRoute, workload: Workload, families: tuple[int, ...] = (4
     with its gateway and default routes (``families``: 4 and/or 6), and proxy ARP on the host end; returns the
     host end's index. Needs no address, so it runs while IPAM allocates. A leftover host end of an earlier
     attempt is replaced."""
-    try:
-        pod_fd = os.open(workload.netns, os.O_RDONLY)
-    except FileNotFoundError:
-        raise NetnsGone(f"network namespace {workload.netns} does not exist") from None
-    except OSError as exc:
-        raise PlumbingError(f"cannot open network namespace {workload.netns}: {exc.strerror}") from None
-    try:
-        if if_index(workload.host_if) is not None:
-            with _step(f"removing stale {workload.host_if}"):
-                ipr.link("del", ifname=workload.host_if)
-        with _step(f"creating veth {workload.host_if}"):
-            peer: dict[str, Any] = {"ifname": workload.pod_if, "net_ns_fd": pod_fd, "mtu": workload.mtu}
-            if workload.pod_mac:
-                peer["address"] = workload.pod_mac
-            # One request: the host end comes up at creation (flags/change), with its MAC and MTU.
-            ipr.link("add", ifname=workload.host_if, kind="veth", address=HOST_MAC, mtu=workload.mtu,
-                     flags=IFF_UP, change=IFF_UP, peer=peer)
-    finally:
-        os.close(pod_fd)
+    if if_index(workload.host_if) is not None:
+        with _step(f"removing stale {workload.host_if}"):
+            ipr.link("del", ifname=workload.host_if)
+    with _step(f"creating veth {workload.host_if}"):
+        peer: dict[str, Any] = {"ifname": workload.pod_if, "net_ns_fd": workload.netns_fd, "mtu": workload.mtu}
+        if workload.pod_mac:
+            peer["address"] = workload.pod_mac
+        # One request: the host end comes up at creation (flags/change), with its MAC and MTU.
+        ipr.link("add", ifname=workload.host_if, kind="veth", address=HOST_MAC, mtu=workload.mtu,
+                 flags=IFF_UP, change=IFF_UP, peer=peer)
     index = if_index(workload.host_if)
     if index is None:
         raise PlumbingError(f"{workload.host_if} vanished right after it was created")
@@ -158,7 +155,7 @@ def create_link(ipr: IPRoute, workload: Workload, families: tuple[int, ...] = (4
     _sysctl(f"net/ipv4/neigh/{name}/proxy_delay", "0")
     _sysctl(f"net/ipv4/conf/{name}/forwarding", "1")
 
-    with entered(workload.netns), _step(f"configuring {workload.pod_if} in the pod"):
+    with entered(workload.netns_fd), _step(f"configuring {workload.pod_if} in the pod"):
         pod_index = _pod_index(workload)
         batch = rtnl.Batch().link_up(pod_index)
         if 4 in families:  # a default route needs no address of the pod's own, only the on-link gateway
@@ -170,14 +167,14 @@ def create_link(ipr: IPRoute, workload: Workload, families: tuple[int, ...] = (4
 def _pod_index(workload: Workload) -> int:
     index = if_index(workload.pod_if)  # the calling thread is inside the pod's namespace
     if index is None:
-        raise PlumbingError(f"{workload.pod_if} did not appear in {workload.netns}")
+        raise PlumbingError(f"{workload.pod_if} did not appear in {workload.sandbox}")
     return index
 
 
 def configure_pod(workload: Workload) -> None:
     """Pod side, once IPAM has answered: the pod's /32 (/128), and the IPv6 default route (it needs the link's
     IPv6 to be up, which it is by now)."""
-    with entered(workload.netns), _step(f"addressing {workload.pod_if} in the pod"):
+    with entered(workload.netns_fd), _step(f"addressing {workload.pod_if} in the pod"):
         pod_index = _pod_index(workload)
         batch = rtnl.Batch()
         for address in workload.addresses:
@@ -246,7 +243,7 @@ def check(ipr: IPRoute, workload: Workload) -> list[str]:
         found = []
         pod_index = if_index(workload.pod_if)
         if pod_index is None:
-            return [f"{workload.pod_if} is missing in {workload.netns}"]
+            return [f"{workload.pod_if} is missing in {workload.sandbox}"]
         have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in pod.get_addr(index=pod_index)}
         for address in workload.addresses:
             if (str(address.ip), address.max_prefixlen) not in have:
@@ -257,8 +254,4 @@ def check(ipr: IPRoute, workload: Workload) -> list[str]:
                 found.append(f"no default route via {GATEWAY_V4} in the pod")
         return found
 
-    try:
-        problems += in_netns(workload.netns, pod_side)
-    except NetnsGone as exc:
-        problems.append(str(exc))
-    return problems
+    return problems + in_netns(workload.netns_fd, pod_side)

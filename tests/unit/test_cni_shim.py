@@ -89,14 +89,19 @@ def cni_error(body: dict[str, object]) -> bytes:
 def test_request_bytes_and_round_trip() -> None:
     env = {"CNI_COMMAND": "ADD", "PATH": "/bin", "CNI_ARGS": "A=1;B=2", "CNI_EMPTY": "", "XCNI_NOT": "x"}
     raw = encode_request("calico-py-ipam", env, CONF)
-    assert raw == b"CNI1\0calico-py-ipam\0CNI_COMMAND=ADD\0CNI_ARGS=A=1;B=2\0CNI_EMPTY=\0\0" + CONF
+    assert raw == b"CNI2\0calico-py-ipam\0\0CNI_COMMAND=ADD\0CNI_ARGS=A=1;B=2\0CNI_EMPTY=\0\0" + CONF
     assert decode_request(raw) == ("calico-py-ipam", {"CNI_COMMAND": "ADD", "CNI_ARGS": "A=1;B=2", "CNI_EMPTY": ""},
-                                   CONF.decode())
+                                   CONF.decode(), None)
+    netns = {"CNI_COMMAND": "ADD", "CNI_NETNS": "/run/netns/p1"}
+    assert encode_request("calico-py", netns, CONF, 0) == b"CNI2\0calico-py\0000\0CNI_COMMAND=ADD\0" \
+        b"CNI_NETNS=/run/netns/p1\0\0" + CONF
+    assert decode_request(encode_request("calico-py", netns, CONF, 0), descriptors=1)[3] == 0
+    assert decode_request(encode_request("calico-py", netns, CONF, errno.EACCES))[3] == errno.EACCES
 
 
 def test_request_keeps_undecodable_bytes_of_the_environment_and_replaces_them_in_stdin() -> None:
     netns = os.fsdecode(b"/run/netns/\xff")  # as os.environ holds it
-    _, env, stdin = decode_request(encode_request("calico-py", {"CNI_NETNS": netns}, b"{\xff\0}"))
+    _, env, stdin, _ = decode_request(encode_request("calico-py", {"CNI_NETNS": netns}, b"{\xff\0}", errno.ENOENT))
     assert env == {"CNI_NETNS": netns} and os.fsencode(env["CNI_NETNS"]) == b"/run/netns/\xff"
     assert stdin == "{\ufffd\0}"
 
@@ -107,21 +112,37 @@ def test_request_keeps_undecodable_bytes_of_the_environment_and_replaces_them_in
                            st.text(st.characters(exclude_characters="\0", exclude_categories=("Cs",)))),
        stdin=st.text())
 def test_request_round_trip_property(plugin: str, env: dict[str, str], stdin: str) -> None:
-    assert decode_request(encode_request(plugin, env, stdin.encode())) == (plugin, env, stdin)
+    netns_errno = errno.ENOENT if env.get("CNI_NETNS") else None
+    assert decode_request(encode_request(plugin, env, stdin.encode(), netns_errno)) == (plugin, env, stdin,
+                                                                                       netns_errno)
 
 
-@pytest.mark.parametrize("raw", [
-    b"", b"CNI1", b"CNI1\0", b"CNI2\0calico-py\0\0{}", b'{"plugin": "calico-py", "env": {}, "stdin": ""}',
-    b"CNI1\0\0\0{}",  # no plugin name
-    b"CNI1\0calico-py",  # plugin name not terminated
-    b"CNI1\0calico-py\0CNI_COMMAND=ADD\0",  # environment not terminated
-    b"CNI1\0calico-py\0CNI_COMMAND\0\0{}",  # an entry without "="
-    b"CNI1\0calico-py\0PATH=/bin\0\0{}",  # not a CNI_ variable
-    b"CNI1\0calico-\xffpy\0\0{}",  # a name that is not text
+@pytest.mark.parametrize(("raw", "descriptors"), [
+    (b"", 0), (b"CNI2", 0), (b"CNI2\0", 0), (b"CNI3\0calico-py\0\0\0{}", 0),
+    (b'{"plugin": "calico-py", "env": {}, "stdin": ""}', 0),
+    (b"CNI2\0\0\0\0{}", 0),  # no plugin name
+    (b"CNI2\0calico-py", 0),  # plugin name not terminated
+    (b"CNI2\0calico-py\0", 0),  # netns field not terminated
+    (b"CNI2\0calico-py\0\0CNI_COMMAND=ADD\0", 0),  # environment not terminated
+    (b"CNI2\0calico-py\0\0CNI_COMMAND\0\0{}", 0),  # an entry without "="
+    (b"CNI2\0calico-py\0\0PATH=/bin\0\0{}", 0),  # not a CNI_ variable
+    (b"CNI2\0calico-\xffpy\0\0\0{}", 0),  # a name that is not text
+    (b"CNI2\0calico-py\0-1\0CNI_NETNS=/x\0\0{}", 0), (b"CNI2\0calico-py\0fd\0CNI_NETNS=/x\0\0{}", 1),
+    (b"CNI2\0calico-py\00012345\0CNI_NETNS=/x\0\0{}", 0),  # netns fields that are no errno
+    (b"CNI2\0calico-py\0000\0CNI_NETNS=/x\0\0{}", 0),  # "opened" but no descriptor came
+    (b"CNI2\0calico-py\0000\0CNI_NETNS=/x\0\0{}", 2),  # a descriptor too many
+    (b"CNI2\0calico-py\0\0\0{}", 1),  # a descriptor with no CNI_NETNS
+    (b"CNI2\0calico-py\0002\0\0{}", 0),  # an errno for a CNI_NETNS that was not given
+    (b"CNI2\0calico-py\0\0CNI_NETNS=/x\0\0{}", 0),  # a CNI_NETNS with no netns field
 ])
-def test_decode_request_rejects_garbage(raw: bytes) -> None:
+def test_decode_request_rejects_garbage(raw: bytes, descriptors: int) -> None:
     with pytest.raises(ValueError):
-        decode_request(raw)
+        decode_request(raw, descriptors)
+
+
+def test_a_request_of_an_older_shim_says_to_reinstall_the_plugins() -> None:
+    with pytest.raises(ValueError, match="older than the node daemon; reinstall the CNI plugins"):
+        decode_request(b"CNI1\0calico-py\0CNI_COMMAND=ADD\0\0{}")
 
 
 def test_response_round_trip() -> None:
@@ -148,8 +169,8 @@ def test_the_shim_supports_the_versions_the_daemon_does() -> None:
 async def test_the_server_decodes_requests_and_frames_answers() -> None:
     seen = []
 
-    async def handler(plugin: str, env: dict[str, str], stdin: str) -> tuple[int, str]:
-        seen.append((plugin, env, stdin))
+    async def handler(plugin: str, env: dict[str, str], stdin: str, netns: spec.Netns) -> tuple[int, str]:
+        seen.append((plugin, env, stdin, netns))
         return 0, "done ✓\n"
 
     address = f"\0calico-py-cni-test-{os.getpid()}"
@@ -159,7 +180,7 @@ async def test_the_server_decodes_requests_and_frames_answers() -> None:
         answer = await asyncio.to_thread(exchange, "calico-py", {"CNI_COMMAND": "ADD", "HOME": "/root"}, CONF,
                                          address)
         assert answer == (0, "done ✓\n".encode())
-        assert seen == [("calico-py", {"CNI_COMMAND": "ADD"}, CONF.decode())]
+        assert seen == [("calico-py", {"CNI_COMMAND": "ADD"}, CONF.decode(), spec.NO_NETNS)]
         code, out = decode_response(await asyncio.to_thread(raw_exchange, address, b'{"plugin": "calico-py"}'))
         assert code == 1 and json.loads(out)["code"] == spec.DECODE_FAILURE, out
         assert len(seen) == 1
@@ -261,7 +282,7 @@ ENV = {"PATH": "/usr/bin:/bin", "CNI_COMMAND": "ADD", "CNI_CONTAINERID": "ctr1",
 def test_request_and_answer_pass_through_unchanged(plugins: Path, name: str) -> None:
     stdout = b'{"cniVersion": "1.0.0", "ips": []}\n\xff\0 not text'
     seen = through_peer(plugins / name, ENV, CONF, b"7\n" + stdout)
-    assert seen.request == encode_request(name, ENV, CONF)
+    assert seen.request == encode_request(name, ENV, CONF, errno.ENOENT)  # ENV's netns does not exist
     assert decode_request(seen.request)[1] == {k: v for k, v in ENV.items() if k.startswith("CNI_")}
     assert (seen.rc, seen.stdout, seen.stderr) == (7, stdout, "")
 
@@ -270,7 +291,7 @@ def test_request_and_answer_pass_through_unchanged(plugins: Path, name: str) -> 
 def test_a_large_stdin_arrives_whole(plugins: Path) -> None:
     stdin = b'{"pad": "' + bytes(range(32, 127)) * 20000 + b'"}'  # ~1.9 MB: many partial writes
     seen = through_peer(plugins / "calico-py", ENV, stdin, b"0\n")
-    assert seen.request == encode_request("calico-py", ENV, stdin)
+    assert seen.request == encode_request("calico-py", ENV, stdin, errno.ENOENT)
     assert (seen.rc, seen.stdout) == (0, b"")
 
 

@@ -154,7 +154,7 @@ async def call_as(uid: int | None, address: str, request: bytes) -> tuple[int, d
 async def test_the_cni_socket_answers_root_and_refuses_any_other_user() -> None:
     calls: list[str] = []
 
-    async def handler(plugin: str, env: dict[str, str], stdin: str) -> tuple[int, str]:
+    async def handler(plugin: str, env: dict[str, str], stdin: str, netns: object) -> tuple[int, str]:
         calls.append(env.get("CNI_COMMAND", ""))
         return 0, json.dumps({"cniVersion": "1.0.0"})
 

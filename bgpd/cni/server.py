@@ -7,6 +7,7 @@ asyncio's stream transports read with plain ``recv``, which would drop it, so co
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import json
@@ -23,6 +24,7 @@ log = logging.getLogger("calico-py-node.cni")
 MAX_REQUEST = 4 * 1024 * 1024
 MAX_DESCRIPTORS = 4  # room for more than the one a shim sends, so a surplus is seen (and refused), not cut off
 READ_SIZE = 64 * 1024
+ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_DESCRIPTORS * array.array("i").itemsize)
 REFUSED_READ_TIMEOUT = 5.0  # seconds a refused caller has to finish sending before it is cut off
 Handler = Callable[[str, dict[str, str], str, spec.Netns], Awaitable[tuple[int, str]]]
 
@@ -62,11 +64,16 @@ async def read_request(sock: socket.socket, into: Received) -> None:
     children never inherit one). Beyond MAX_REQUEST the rest is read and dropped (memory stays bounded)."""
     while True:
         try:
-            chunk, fds, flags, _ = socket.recv_fds(sock, READ_SIZE, MAX_DESCRIPTORS, socket.MSG_CMSG_CLOEXEC)
+            # recvmsg itself: socket.recv_fds of Python 3.11 drops its flags (so no MSG_CMSG_CLOEXEC)
+            chunk, ancillary, flags, _ = sock.recvmsg(READ_SIZE, ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             await _readable(sock)
             continue
-        into.descriptors.extend(fds)
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+                into.descriptors.extend(fds)
         into.descriptors_cut |= bool(flags & socket.MSG_CTRUNC)
         if not chunk:
             return

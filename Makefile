@@ -5,8 +5,9 @@ VENV := .venv
 PYTHON ?= python3
 # gcc and libc6-dev (its libc.a): bgpd/cni/install.py builds the C CNI plugin, statically linked. nftables:
 # NAT outgoing. tcpdump: the encapsulation tests look at the wire. openssl: the etcd TLS tests make their CA.
+# containerd, runc, busybox-static: tests/e2e/test_containerd.py runs pods with ctr run --cni.
 DEB_PACKAGES := etcd-server etcd-client iproute2 iputils-ping bird2 frr gobgpd graphviz \
-	containernetworking-plugins iptables gcc libc6-dev nftables tcpdump openssl
+	containernetworking-plugins iptables gcc libc6-dev nftables tcpdump openssl containerd runc busybox-static
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 

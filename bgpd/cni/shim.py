@@ -10,17 +10,11 @@ environment and stdin to the node daemon over the abstract unix socket ``@calico
 belong to a network namespace, so the shim always reaches the daemon of the node (namespace) it runs in, with no
 per-node configuration -- and prints what the daemon answers. VERSION is answered here.
 
-The framing (docs/cni.md "The wire format" is its specification; this module is its one Python definition,
-which the daemon's server imports; shim.c speaks it too, and tests/unit/test_cni_protocol.py holds both shims
-to it), simple enough for C to write and read without a JSON parser:
-
-- request: ``CNI2\\0`` + plugin name + ``\\0``, then the netns field + ``\\0``, then ``NAME=VALUE\\0`` for every
-  ``CNI_*`` variable, then an empty entry (``\\0``), then stdin's raw bytes to the end; the shim half-closes its
-  side after it. The netns field is the result of the shim's own ``open(CNI_NETNS)``: ``0`` when it opened it
-  and the descriptor rides on the request's first bytes (SCM_RIGHTS), else the errno in ASCII decimal; empty when
-  CNI_NETNS is unset or empty. The shim runs with the runtime's privileges, so the daemon never opens a path a
-  runtime gave: a container's ``/proc/<pid>/ns/net`` may refuse it (docs/security.md).
-- answer: the exit code in ASCII decimal + ``\\n``, then the plugin's stdout bytes to the end.
+The framing is specified once, in docs/cni.md "The wire format"; the functions below are its Python
+definition (the daemon's server imports them), shim.c speaks it too, and tests/unit/test_cni_protocol.py holds
+both shims to it. In short: ``CNI2\\0`` plugin ``\\0`` netns-field ``\\0`` ``CNI_*=...\\0``... ``\\0`` stdin, the
+descriptor of CNI_NETNS (opened here, with the runtime's privileges: the daemon never opens a runtime's path)
+riding on the first bytes; the answer is the exit code line and stdout.
 """
 
 import errno

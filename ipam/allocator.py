@@ -1,10 +1,10 @@
 """auto_assign / assign_ip / release: the pure block functions of :mod:`ipam.blocks` wrapped in etcd CAS.
 
 Each write is one etcd transaction that changes the block, the handle's counts and (for a claim) the affinity
-together, guarded by the mod_revision of every key it touches. Calico writes them one by one (its Kubernetes
-backend has no multi-key transactions) and so can leave a pending affinity or an over-counted handle behind after
-a crash; on etcd we need not. On a failed comparison the operation re-reads and redoes its step, with jittered
-backoff, at most ``max_retries`` times.
+together, guarded by the mod_revision of every key it touches (and for a claim, of the block's pool). Calico
+writes them one by one (its Kubernetes backend has no multi-key transactions) and so can leave a pending affinity
+or an over-counted handle behind after a crash; on etcd we need not. On a failed comparison the operation
+re-reads and redoes its step, with jittered backoff, at most ``max_retries`` times.
 """
 
 from __future__ import annotations

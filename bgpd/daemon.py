@@ -41,7 +41,7 @@ from bgpd.watch import wake_on_change
 from ipam import keys
 from ipam.allocator import IPAM
 from ipam.datastore import Datastore
-from ipam.errors import IPAMError, ResourceExists
+from ipam.errors import InvalidResource, IPAMError, ResourceExists
 from ipam.model import IPPool
 from ipam.pools import list_pools, save_pool
 
@@ -117,6 +117,8 @@ async def ensure_default_pool(store: Datastore, config: Config) -> None:
             log.info("created pool %s %s", pool.name, pool.cidr)
         except ResourceExists:
             pass  # another node created it first
+        except InvalidResource as exc:  # blocks of another size kept in its range (a forced pool delete)
+            log.error("default pool %s %s not created: %s; create a pool by hand", pool.name, pool.cidr, exc)
 
 
 async def run(config: Config, address: ipaddress.IPv4Interface | None, kube: Kube | None = None,

@@ -187,9 +187,9 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None, kube: Kub
                     "bgp": bgp is not None, "peers": bgp.status() if bgp else [],
                     "bgp_last_update": bgp.speaker.last_update_at if bgp else None,
                     "advertised": len(bgp.speaker.announced) if bgp else 0, "ipam": dict(ipam.stats),
-                    "exabgp": {"restarts": bgp.speaker.restarts, "reloads": bgp.speaker.reloads,
-                               "reloads_unanswered": bgp.speaker.reloads_unanswered,
-                               "malformed": dict(bgp.speaker.malformed)} if bgp else {},
+                    "exabgp": {"restarts": bgp.speaker.process.restarts, "reloads": bgp.speaker.process.reloads,
+                               "reloads_unanswered": bgp.speaker.process.reloads_unanswered,
+                               "malformed": dict(bgp.speaker.rib.malformed)} if bgp else {},
                     "logs": [p for p in (os.environ.get("CALICO_LOG_FILE"),) if p]}
 
         async def probe() -> Probe:

@@ -122,28 +122,6 @@ def diff_routes(desired: set[RouteSpec], actual: set[RouteSpec]) -> RouteDiff:
 # ------------------------------------------------------------------ routes kept over a daemon restart
 
 
-@dataclass(frozen=True)
-class StartupPeer:
-    """What the start-up rule knows of one configured peer since the daemon started."""
-
-    opened: bool  # its OPEN arrived: whether it negotiated graceful restart is known
-    restart_time: int = 0  # seconds it asked for in its graceful-restart capability; 0: no capability
-    end_of_rib: bool = False  # it sent End-of-RIB at least once
-
-
-def startup_routes_kept(peers: Mapping[str, StartupPeer] | None, elapsed: float, window: float) -> bool:
-    """Whether the remote routes found in the kernel at start are still kept, ``elapsed`` seconds after it, with
-    ``window`` our restart time (``nodeMeshMaxRestartTime``; 0: graceful restart off). ``peers`` is None while
-    the datastore has not named them. A peer is waited for until it sends End-of-RIB or its own restart time
-    ends; one that has not opened a session yet may still negotiate graceful restart; one that did not negotiate
-    it sends no End-of-RIB (GoBGP without it) and is not waited for."""
-    if elapsed >= window:
-        return False
-    if peers is None:
-        return True
-    return any(not p.end_of_rib and (not p.opened or elapsed < p.restart_time) for p in peers.values())
-
-
 def found_at_start(have: set[RouteSpec], want: set[RouteSpec]) -> dict[str, RouteSpec]:
     """The remote routes (of ours, via a gateway) in the kernel's first read that nothing wants yet, by
     prefix: what a restarted daemon keeps while BGP relearns them."""

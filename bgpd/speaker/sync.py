@@ -16,12 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bgpd.speaker.exabgp import Accept, ExaBGP, PeerStatus
+from bgpd.speaker.exabgp import ExaBGP
 from bgpd.speaker.peers import (
-    AS_PATH_TOO_LONG,
     MALFORMED,
     MESH_PASSWORD,
-    BGPPath,
     NodeInfo,
     PoolFilter,
     announcements,
@@ -31,6 +29,7 @@ from bgpd.speaker.peers import (
     peer_problem,
     secret_ref,
 )
+from bgpd.speaker.rib import Routes, Session
 from bgpd.watch import wake_on_change
 from ipam import keys
 from ipam.datastore import Datastore, WatchEvent
@@ -38,7 +37,6 @@ from ipam.errors import DatastoreUnavailable, InvalidResource
 from ipam.model import BlockAffinity, IPPool
 
 log = logging.getLogger("calico-py-node.bgp")
-REJECTIONS_LOGGED = 20  # warnings per pass; a peer flooding bad routes gets one line for the rest
 # A sync reads etcd when the watch reports a change; this often regardless, in case one slipped past the watch
 # (and to pick up a password secret file changed on disk, which no watch sees).
 RESYNC_SECONDS = 30.0
@@ -81,13 +79,10 @@ class BGPSync:
         self.node = node
         self.interval = interval
         self._pools: list[IPPool] = []
-        self.rejected: dict[tuple[str, str], str] = {}  # (peer, prefix) -> why, while the peer announces it
-        self.rejected_total: dict[tuple[str, str], int] = {}  # (peer, reason) -> paths refused since start
         self._downs_seen: dict[str, int] = {}  # peer -> its session losses already looked at
         self._problems_logged: set[str] = set()  # unusable resources already warned about (sync runs every second)
-        self._filter = PoolFilter([])
         self._affine_blocks: list[Any] = []  # this node's confirmed blocks at the last sync (see relevant())
-        speaker.reflect_accept = lambda peer, prefix, path: self._filter.reason(prefix, len(path.as_path)) is None
+        speaker.rib.set_filter(PoolFilter([]))  # nothing is accepted before the pools are read
 
     @property
     def pools(self) -> list[IPPool]:
@@ -96,52 +91,26 @@ class BGPSync:
     @pools.setter
     def pools(self, pools: list[IPPool]) -> None:
         self._pools = pools
-        self._filter = PoolFilter(pools)  # built once per change: it judges every path of every burst
+        # Built once per change (it judges every path of every burst); routes filtered out by the old pools may
+        # be accepted now, and the reverse.
+        self.speaker.rib.set_filter(PoolFilter(pools))
+        self.speaker.on_routes()
 
-    def learned(self) -> dict[str, tuple[str, ...]]:
+    @property
+    def rejected_total(self) -> dict[tuple[str, str], int]:
+        """(peer, reason) -> paths refused since start."""
+        return self.speaker.rib.rejected_total
+
+    def learned(self) -> Routes:
         """Routes from peers (prefix -> next hops of the accepted paths), as the import filter lets them through
         (:class:`PoolFilter`): a peer cannot inject a default route, a node address or part of another node's
         block."""
-        verdicts: dict[tuple[str, str], str] = {}
-        routes = self.speaker.learned(self._accept_into(verdicts))
-        self._account(verdicts, gone=set(self.rejected))
-        return routes
+        return self.speaker.learned()
 
-    def learned_changes(self) -> dict[str, tuple[str, ...]]:
+    def learned_changes(self) -> Routes:
         """The same for the prefixes changed since the last call; a prefix no accepted path offers has no next
         hop (withdrawn)."""
-        verdicts: dict[tuple[str, str], str] = {}
-        routes = self.speaker.learned_changes(self._accept_into(verdicts))
-        self._account(verdicts, gone={key for key in self.rejected if key[1] in routes})
-        return routes
-
-    def _accept_into(self, verdicts: dict[tuple[str, str], str]) -> Accept:
-        accept = self._filter
-
-        def judge(peer: str, prefix: str, path: BGPPath) -> bool:
-            reason = accept.reason(prefix, len(path.as_path))
-            if reason is not None:
-                verdicts[(peer, prefix)] = reason
-            return reason is None
-        return judge
-
-    def _account(self, verdicts: dict[tuple[str, str], str], gone: set[tuple[str, str]]) -> None:
-        """Count and log each path refused, once while the peer keeps announcing it: the filter runs again on every
-        reconcile, the peer's announcement happened once. ``gone``: the refused paths this pass looked at again
-        (those not refused any more were withdrawn or are accepted now)."""
-        fresh = [(key, reason) for key, reason in verdicts.items() if self.rejected.get(key) != reason]
-        for key in gone - set(verdicts):
-            del self.rejected[key]
-        self.rejected.update(verdicts)
-        for (peer, _prefix), reason in fresh:
-            self.rejected_total[(peer, reason)] = self.rejected_total.get((peer, reason), 0) + 1
-        for (peer, prefix), reason in fresh[:REJECTIONS_LOGGED]:
-            path = self.speaker.rib.get(peer, {}).get(prefix)
-            log.warning("bgp route %s from peer %s rejected (%s)%s", prefix, peer, reason,
-                        f": AS path of {len(path.as_path)} ASNs" if path and reason == AS_PATH_TOO_LONG else "")
-        if len(fresh) > REJECTIONS_LOGGED:
-            log.warning("bgp %d more routes rejected (see calico_py_bgp_routes_rejected_total)",
-                        len(fresh) - REJECTIONS_LOGGED)
+        return self.speaker.learned_changes()
 
     def note_malformed(self) -> None:
         """Count sessions ExaBGP closed because the peer sent an UPDATE it could not parse (its NOTIFICATION says
@@ -152,7 +121,7 @@ class BGPSync:
                 continue
             self._downs_seen[address] = peer.downs
             if MALFORMED_NOTIFICATION.search(peer.last_down):
-                self.rejected_total[(address, MALFORMED)] = self.rejected_total.get((address, MALFORMED), 0) + 1
+                self.speaker.rib.policy.count(address, MALFORMED)
                 log.warning("bgp peer %s sent a malformed UPDATE: session reset (%s)", address, peer.last_down)
 
     async def sync_once(self) -> None:
@@ -184,15 +153,13 @@ class BGPSync:
             return
         if pools != self.pools:
             self.pools = pools
-            self.speaker.touch_all()  # routes filtered out by the old pools may be accepted now, and the reverse
-            self.speaker.on_routes()
         blocks = []
         for kv in (kv for prefix in affinity_prefixes for kv in snapshot.prefixes[prefix]):
             _, cidr = keys.parse_affinity_key(kv.key)
             if BlockAffinity.from_json(self.node, cidr, kv.json()).confirmed:
                 blocks.append(cidr)
         self._affine_blocks = blocks
-        self.speaker.cluster_id = me.rr_cluster_id
+        self.speaker.rib.cluster_id = me.rr_cluster_id
         self.speaker.set_graceful_restart(restart_seconds((config or {}).get("spec", {}).get("nodeMeshMaxRestartTime")))
         self.speaker.expire_stale()
         self.note_malformed()
@@ -294,13 +261,13 @@ class BGPSync:
     def status(self) -> list[dict[str, Any]]:
         return [{"address": address, "family": f"IPv{peer.spec.version}", "type": peer.spec.kind, "state": peer.state,
                  "since": time.strftime("%H:%M:%S", time.localtime(peer.since)), "info": self._info(peer),
-                 "learned": len(self.speaker.rib.get(address, {})),
+                 "learned": len(self.speaker.rib.tables.get(address, {})),
                  "rejected": {reason: count for (peer_address, reason), count in sorted(self.rejected_total.items())
                               if peer_address == address}}
                 for address, peer in sorted(self.speaker.peers.items())]
 
     @staticmethod
-    def _info(peer: PeerStatus) -> str:
+    def _info(peer: Session) -> str:
         if peer.spec.password and peer.state != "up":
             # With TCP-MD5 the kernel drops segments whose signature is wrong: a mismatch shows as silence.
             return f"{peer.info}; TCP-MD5 on: no answer means the passwords differ (or the peer is down)"

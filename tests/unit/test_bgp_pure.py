@@ -16,7 +16,7 @@ import pytest
 
 from bgpd.dataplane.routes import ip_command
 from bgpd.desired import RouteSpec, desired_routes, remote_routes
-from bgpd.speaker.exabgp import ExaBGP, reload_outcome
+from bgpd.speaker.exabgp import ExaBGP
 from bgpd.speaker.peers import (
     DEFAULT_ROUTE,
     GLOBAL,
@@ -43,6 +43,7 @@ from bgpd.speaker.peers import (
     render_exabgp,
     router_id_for,
 )
+from bgpd.speaker.process import reload_outcome
 from ipam.model import IPPool
 
 
@@ -179,15 +180,15 @@ def test_graceful_restart_keeps_a_peers_routes_then_drops_them(tmp_path: Path) -
     send("state", state="up")
     send("update", message={"update": {"announce": {"ipv4 unicast": {"10.0.0.12": [{"nlri": "10.244.2.0/26"}]}}}})
     send("update", message={"eor": {"afi": "ipv4", "safi": "unicast"}})
-    assert speaker.gr_peers == {"10.0.0.12": 30} and "10.0.0.12" in speaker.eor
+    assert speaker.rib.restart_times == {"10.0.0.12": 30} and "10.0.0.12" in speaker.rib.eor
     send("state", state="down", reason="peer reset")
     assert speaker.learned() == {"10.244.2.0/26": ("10.0.0.12",)}  # kept while the peer restarts
-    assert speaker.stale["10.0.0.12"][1] == {"10.244.2.0/26"}
+    assert speaker.rib.stale["10.0.0.12"][1] == {"10.244.2.0/26"}
     send("state", state="connected")
     send("state", state="up")
     send("update", message={"eor": {"afi": "ipv4", "safi": "unicast"}})  # back, without that route
-    assert speaker.learned() == {} and not speaker.stale
-    speaker.gr_peers.clear()  # a peer without the capability: its routes go at once
+    assert speaker.learned() == {} and not speaker.rib.stale
+    speaker.rib.restart_times.clear()  # a peer without the capability: its routes go at once
     send("update", message={"update": {"announce": {"ipv4 unicast": {"10.0.0.12": [{"nlri": "10.244.2.0/26"}]}}}})
     send("state", state="down")
     assert speaker.learned() == {}
@@ -241,7 +242,7 @@ def test_learned_changes_cost_only_what_changed_and_carry_attributes(tmp_path: P
             "message": {"update": {"attribute": attribute,
                                    "announce": {"ipv4 unicast": {peer: [{"nlri": p} for p in prefixes]}}}}}}).encode())
     announce("10.0.0.12", ["10.244.2.0/26", "10.244.9.0/26"], [65002])
-    assert speaker.rib["10.0.0.12"]["10.244.2.0/26"].as_path == (65002,)
+    assert speaker.rib.tables["10.0.0.12"]["10.244.2.0/26"].as_path == (65002,)
     assert speaker.learned_changes() == {"10.244.2.0/26": ("10.0.0.12",), "10.244.9.0/26": ("10.0.0.12",)}
     assert speaker.learned_changes() == {}  # taken
     announce("10.0.0.12", ["10.244.2.0/26"], [65002])  # the same path again: nothing changed
@@ -302,7 +303,7 @@ def test_exabgp_exiting_keeps_every_peers_routes_as_stale_until_relearned(tmp_pa
     speaker._process_gone()  # killed: no "down" reaches the API
     assert speaker.learned() == {"10.244.2.0/26": ("10.0.0.12",), "10.244.3.0/26": ("10.0.0.13",)}
     assert {p: s.state for p, s in speaker.peers.items()} == {"10.0.0.12": "start", "10.0.0.13": "start"}
-    assert set(speaker.stale) == {"10.0.0.12", "10.0.0.13"}
+    assert set(speaker.rib.stale) == {"10.0.0.12", "10.0.0.13"}
     # The new ExaBGP's session to 10.0.0.13 brings End-of-RIB without the route: withdrawn while we were away.
     neighbor = {"address": {"local": "10.0.0.11", "peer": "10.0.0.13"}}
     speaker._handle(json.dumps({"type": "state", "neighbor": {**neighbor, "state": "up"}}).encode())
@@ -358,9 +359,10 @@ while True:
 def test_supervisor_resends_a_dropped_reload_then_restarts_exabgp(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import bgpd.speaker.exabgp as module
+    import bgpd.speaker.process as process
     api = f"calico-py-test-{os.getpid()}-{tmp_path.name}"  # not the node daemon's socket name: no clash
     monkeypatch.setattr(module, "API_SOCKET", "\0" + api)
-    monkeypatch.setattr(module, "RELOAD_CONFIRM_TIMEOUT", 0.5)
+    monkeypatch.setattr(process, "RELOAD_CONFIRM_TIMEOUT", 0.5)
     monkeypatch.setenv("STAND_IN_API", api)
     stand_in = tmp_path / "exabgp"
     stand_in.write_text(f"#!{sys.executable}\n{STAND_IN}")
@@ -381,18 +383,18 @@ def test_supervisor_resends_a_dropped_reload_then_restarts_exabgp(tmp_path: Path
         await speaker.start()
         try:
             speaker.set_peers(mesh[:1])
-            await until(speaker._api_ready.is_set, "the stand-in to connect")
-            first = speaker._process
+            await until(speaker.process.api_ready.is_set, "the stand-in to connect")
+            first = speaker.process._process
             speaker.set_peers(mesh)  # a peer more: a reload
             if deaf:
-                await until(lambda: speaker.restarts == 1, "ExaBGP restarted after unanswered reloads")
-                assert speaker._process is not first and speaker.reloads_unanswered == module.RELOAD_ATTEMPTS
+                await until(lambda: speaker.process.restarts == 1, "ExaBGP restarted after unanswered reloads")
+                assert speaker.process._process is not first and speaker.process.reloads_unanswered == process.RELOAD_ATTEMPTS
                 # The new one starts from the file, which has every peer.
                 assert (speaker.state_dir / "exabgp.conf").read_text().count("neighbor ") == len(mesh)
             else:
-                await until(lambda: speaker.reloads == 1 and "loaded new" in
+                await until(lambda: speaker.process.reloads == 1 and "loaded new" in
                             (speaker.state_dir / "exabgp.log").read_text(), "the reload")
-                assert speaker.restarts == 0 and speaker.reloads_unanswered == 0 and speaker._process is first
+                assert speaker.process.restarts == 0 and speaker.process.reloads_unanswered == 0 and speaker.process._process is first
         finally:
             await speaker.stop()
         return speaker
@@ -551,20 +553,8 @@ def test_reflection_keeps_each_family_on_its_own_sessions() -> None:
 # ------------------------------------------------------------------ the start-up rule (routes kept after a restart)
 
 
-def gr_session(speaker: ExaBGP, peer: str, restart_time: int | None) -> Callable[..., None]:
-    """Open a session from ``peer`` (graceful restart with ``restart_time``, or none) and return a sender."""
-    neighbor = {"address": {"local": "10.0.0.11", "peer": peer}}
-
-    def send(kind: str, **fields: object) -> None:
-        speaker._handle(json.dumps({"type": kind, "neighbor": {**neighbor, **fields}}).encode())
-    capabilities = {"64": {"name": "graceful restart", "time": restart_time}} if restart_time is not None else {}
-    send("open", direction="receive", open={"capabilities": capabilities})
-    send("state", state="up")
-    return send
-
-
 def test_startup_rule_waits_only_for_peers_that_negotiated_graceful_restart() -> None:
-    from bgpd.desired import StartupPeer, startup_routes_kept
+    from bgpd.speaker.rib import StartupPeer, startup_routes_kept
     gr, no_gr = StartupPeer(opened=True, restart_time=120), StartupPeer(opened=True)
     assert startup_routes_kept(None, 1, 120)  # peers not read from the datastore yet
     assert startup_routes_kept({"frr": gr, "gobgp": no_gr}, 1, 120)  # FRR's End-of-RIB still to come
@@ -585,39 +575,3 @@ def test_only_routes_found_at_start_are_kept_and_only_until_bgp_speaks_of_them()
     assert still_retained(retained, have, want={local, relearned}) == retained
     assert still_retained(retained, have - {kept}, want=set()) == {}  # removed from the kernel by someone
     assert still_retained(retained, have, want={RouteSpec("10.244.2.0/26", gateway="10.0.0.14")}) == {}
-
-
-def test_start_up_ends_on_end_of_rib_of_graceful_peers_without_waiting_for_others(tmp_path: Path) -> None:
-    speaker = ExaBGP(tmp_path, "10.0.0.11", on_routes=lambda: None)
-    assert speaker.keeps_startup_routes()  # no peers read yet
-    speaker.set_graceful_restart(120)
-    speaker.set_peers(desired_peers(NODES[0], NODES, None, []))  # 10.0.0.12 and 10.0.0.13
-    frr = gr_session(speaker, "10.0.0.12", 120)
-    gr_session(speaker, "10.0.0.13", None)  # GoBGP: no graceful restart, no End-of-RIB ever
-    assert speaker.keeps_startup_routes()
-    frr("update", message={"eor": {"afi": "ipv4", "safi": "unicast"}})
-    assert not speaker.keeps_startup_routes()
-    # Over for good: a new peer that may negotiate graceful restart does not bring it back.
-    speaker.set_peers(desired_peers(NODES[0], NODES, None, [{"metadata": {"name": "tor"},
-                                                              "spec": {"peerIP": "10.0.0.1", "asNumber": 65100}}]))
-    assert not speaker.keeps_startup_routes()
-
-
-def test_start_up_ends_when_the_peers_waited_for_are_dropped_or_the_window_is_lowered(tmp_path: Path) -> None:
-    speaker = ExaBGP(tmp_path, "10.0.0.11", on_routes=lambda: None)
-    speaker.set_graceful_restart(120)
-    speaker.set_peers(desired_peers(NODES[0], NODES, None, []))
-    gr_session(speaker, "10.0.0.12", 120)
-    gr_session(speaker, "10.0.0.13", None)
-    assert speaker.keeps_startup_routes()
-    speaker.set_peers([p for p in desired_peers(NODES[0], NODES, None, []) if p.address != "10.0.0.12"])
-    assert not speaker.keeps_startup_routes()  # the only peer waited for is no longer configured
-    lowered = ExaBGP(tmp_path / "b", "10.0.0.11", on_routes=lambda: None)
-    lowered.set_graceful_restart(120)
-    lowered.set_peers(desired_peers(NODES[0], NODES, None, []))
-    gr_session(lowered, "10.0.0.12", 120)
-    assert lowered.keeps_startup_routes()
-    lowered.set_graceful_restart(0)  # nodeMeshMaxRestartTime: 0s
-    assert not lowered.keeps_startup_routes()
-    lowered.set_graceful_restart(300)  # raising it later does not reopen the window
-    assert not lowered.keeps_startup_routes()

@@ -180,7 +180,7 @@ def test_arbitrary_json_never_raises_and_learns_only_sane_routes(messages: list[
     for item in messages:
         fed._handle(json.dumps(item).encode())
     assert_learned_is_sane(fed.learned())
-    assert all(isinstance(t, int) and 0 <= t <= 4095 for t in fed.gr_peers.values())
+    assert all(isinstance(t, int) and 0 <= t <= 4095 for t in fed.rib.restart_times.values())
 
 
 @FUZZ
@@ -199,7 +199,7 @@ def test_a_malformed_attribute_withdraws_what_the_peer_announced_before() -> Non
     fed._handle(message("10.0.0.12", good))
     assert fed.learned() == {"10.244.2.0/26": ("10.0.0.12",)}
     fed._handle(message("10.0.0.12", {**good, "attribute": {"med": -1}}))  # RFC 7606 treat-as-withdraw
-    assert fed.learned() == {} and fed.malformed == {"10.0.0.12": 1}
+    assert fed.learned() == {} and fed.rib.malformed == {"10.0.0.12": 1}
 
 
 def test_deeply_nested_json_does_not_raise() -> None:

@@ -39,7 +39,6 @@ from bgpd.speaker.peers import (
     desired_peers,
     node_problem,
     peer_problem,
-    reflections,
     secret_ref,
 )
 from bgpd.speaker.sync import BGPSync, restart_seconds
@@ -320,7 +319,7 @@ def test_refused_routes_are_counted_once_per_announcement_and_exposed_as_a_metri
 
     snapshot = {"peers": sync.status(), "reconcile": {"runs": 0, "fast_runs": 0, "errors": 0, "last_seconds": 0.0},
                 "workloads": 0, "datastore": {"failovers": 0},
-                "exabgp": {"malformed": dict(speaker.malformed), "reloads_unanswered": 0}}
+                "exabgp": {"malformed": dict(speaker.rib.malformed), "reloads_unanswered": 0}}
     text = Metrics(lambda: snapshot).text().decode()
     assert f'calico_py_bgp_routes_malformed_total{{peer="{rogue}"}} 1.0' in text
     assert f'calico_py_bgp_routes_rejected_total{{peer="{rogue}",reason="outside-pools"}} 2.0' in text
@@ -334,9 +333,12 @@ def test_a_reflector_hands_its_clients_only_what_it_accepts(tmp_path: Path) -> N
     sync.pools = POOLS[:1]
     rogue_client, client = (PeerSpec(a, 64512, 64512, "10.0.1.11", GLOBAL, a, rr_client=True)
                             for a in ("10.0.1.66", "10.0.1.13"))
-    rib = {rogue_client.address: {"0.0.0.0/0": BGPPath("10.0.1.66"), "10.0.1.0/24": BGPPath("10.0.1.66"),
-                                  "10.244.1.0/26": BGPPath("10.0.1.66")}}
-    out = reflections(rib, [rogue_client, client], "224.0.0.1", "10.0.1.11", speaker.reflect_accept)
+    speaker.set_peers([rogue_client, client])
+    speaker.rib.cluster_id = "224.0.0.1"
+    speaker.rib.tables = {rogue_client.address: {"0.0.0.0/0": BGPPath("10.0.1.66"),
+                                                 "10.0.1.0/24": BGPPath("10.0.1.66"),
+                                                 "10.244.1.0/26": BGPPath("10.0.1.66")}}
+    out = speaker.rib.reflections()
     assert set(out[client.address]) == {"10.244.1.0/26"}
 
 
@@ -346,7 +348,7 @@ def test_a_flood_of_refused_routes_logs_a_bounded_number_of_lines(tmp_path: Path
     speaker.set_peers([PeerSpec("10.0.0.66", 65066, 64512, "10.0.0.11", GLOBAL, "rogue")])
     sync = BGPSync(store=None, speaker=speaker, node="node1")  # type: ignore[arg-type]
     sync.pools = POOLS[:1]
-    speaker.rib["10.0.0.66"] = {f"192.0.{i // 256}.{i % 256}/32": BGPPath("10.0.0.66") for i in range(5000)}
+    speaker.rib.tables["10.0.0.66"] = {f"192.0.{i // 256}.{i % 256}/32": BGPPath("10.0.0.66") for i in range(5000)}
     with caplog.at_level("WARNING", logger="calico-py-node.bgp"):
         assert sync.learned() == {}
     assert sync.rejected_total == {("10.0.0.66", OUTSIDE_POOLS): 5000}

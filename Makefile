@@ -41,6 +41,7 @@ faults: deps venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 LAB_TOPOLOGY ?= containerlab/topologies/mesh3.clab.yml
 LAB := $(VENV)/bin/calico-py-lab

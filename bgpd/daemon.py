@@ -25,9 +25,10 @@ from pyroute2 import IPRoute
 from bgpd import logs, privileges
 from bgpd.autodetect import detect
 from bgpd.cleanup import sweep_orphan_interfaces
-from bgpd.cni.handler import CNIHandler, Netlink
+from bgpd.cni.handler import CNIHandler
 from bgpd.cni.server import CNIServer
 from bgpd.config import Config, ConfigError
+from bgpd.dataplane.kernel import Netlink
 from bgpd.health import HealthServer, Metrics, PeerHealth, Probe
 from bgpd.kube import Kube, KubeError, KubeNode
 from bgpd.overlay import NODES, POOLS, Overlay, interface_mtu

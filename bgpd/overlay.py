@@ -16,8 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 from bgpd import encap
-from bgpd.cni.handler import Netlink
 from bgpd.dataplane import ipip, nat, vxlan
+from bgpd.dataplane.kernel import Netlink
 from bgpd.desired import RouteSpec
 from bgpd.resources import register_node
 from ipam import keys

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bgpd import desired
-from bgpd.cni.handler import Netlink
 from bgpd.dataplane import routes
+from bgpd.dataplane.kernel import Netlink
 from bgpd.encap import merge_routes
 from bgpd.overlay import Overlay
 from bgpd.resources import list_node_weps

@@ -16,16 +16,14 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
-
-from pyroute2 import IPRoute
 
 from bgpd.cleanup import release_unattached
 from bgpd.cni import spec
 from bgpd.cni.annotations import AnnotationError, PodRequest, PodSource, pod_request, unknown_pools
 from bgpd.cni.spec import CNIError, Request, Result
 from bgpd.dataplane import workloads
+from bgpd.dataplane.kernel import Netlink
 from bgpd.resources import WorkloadEndpoint, delete_wep, list_node_weps, save_wep, wep_key, wep_name
 from ipam.allocator import IPAM, AssignResult, Extra
 from ipam.datastore import Put
@@ -57,26 +55,6 @@ async def _all(steps: list[Awaitable[Any]]) -> list[Any]:
         if isinstance(outcome, BaseException):
             raise outcome
     return outcomes
-
-
-class Netlink:
-    """One thread owns the node's netlink socket; every kernel change is queued to it (no locking needed)."""
-
-    def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
-        self._ipr: IPRoute | None = None
-
-    def _get(self) -> IPRoute:
-        if self._ipr is None:
-            self._ipr = IPRoute()
-        return self._ipr
-
-    async def run(self, work: Callable[[IPRoute], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: work(self._get()))
-
-    def close(self) -> None:
-        self._executor.submit(lambda: self._ipr.close() if self._ipr else None).result()
-        self._executor.shutdown()
 
 
 class CNIHandler:

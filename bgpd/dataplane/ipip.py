@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from bgpd.dataplane.workloads import if_index
+from bgpd.dataplane.kernel import if_index
 from bgpd.encap import IPIP_DEVICE
 
 

@@ -12,7 +12,7 @@ import subprocess
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from bgpd.dataplane.workloads import ROUTE_PROTO, SCOPE_LINK
+from bgpd.dataplane.kernel import ROUTE_PROTO, SCOPE_LINK
 from bgpd.desired import IPInterface, RouteDiff, RouteSpec
 
 ONLINK = 4  # RTNH_F_ONLINK: the next hop is on the segment even if no route says so

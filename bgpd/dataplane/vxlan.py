@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from bgpd.dataplane.workloads import IFF_UP, if_index
+from bgpd.dataplane.kernel import IFF_UP, if_index
 from bgpd.encap import VXLAN_DEVICE, VXLAN_PORT, VXLAN_VNI, EncapState, Forwarding, Neighbor
 
 NUD_PERMANENT = 0x80

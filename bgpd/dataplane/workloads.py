@@ -30,13 +30,11 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netns import setns
 
 from bgpd.dataplane import rtnl
+from bgpd.dataplane.kernel import IFF_UP, ROUTE_PROTO, if_index
 
-ROUTE_PROTO = 80  # the protocol number of every route we own (Felix's); others are never touched
 HOST_MAC = "ee:ee:ee:ee:ee:ee"
 GATEWAY_V4 = "169.254.1.1"
 GATEWAY_V6 = "fe80::ecee:eeff:feee:eeee"
-SCOPE_LINK = 253
-IFF_UP = 1
 IFACE_PREFIX = "cali"
 NS_GET_NSTYPE = 0xB703  # ioctl on a namespace descriptor: its CLONE_NEW* type (linux/nsfs.h)
 CLONE_NEWNET = 0x40000000
@@ -114,14 +112,6 @@ def in_netns(netns_fd: int, work: Callable[[IPRoute], T]) -> T:
 
 def _sysctl(path: str, value: str) -> None:
     Path("/proc/sys", path).write_text(value)
-
-
-def if_index(name: str) -> int | None:
-    """The index of ``name`` in the calling thread's namespace: an ioctl, cheaper than a netlink lookup."""
-    try:
-        return socket.if_nametoindex(name)
-    except OSError:
-        return None
 
 
 @contextlib.contextmanager

@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from bgpd.cni.handler import CNIHandler, Netlink
+from bgpd.cni.handler import CNIHandler
+from bgpd.dataplane.kernel import Netlink
 from ipam.allocator import IPAM
 from ipam.check import check, load_state
 from ipam.datastore import Datastore, EtcdConfig

@@ -381,20 +381,21 @@ def test_supervisor_resends_a_dropped_reload_then_restarts_exabgp(tmp_path: Path
         speaker = ExaBGP(tmp_path / ("deaf" if deaf else "hearing"), "10.0.0.11", on_routes=lambda: None,
                          exabgp=str(stand_in))
         await speaker.start()
+        supervisor = speaker.process
         try:
             speaker.set_peers(mesh[:1])
-            await until(speaker.process.api_ready.is_set, "the stand-in to connect")
-            first = speaker.process._process
+            await until(supervisor.api_ready.is_set, "the stand-in to connect")
+            first = supervisor._process
             speaker.set_peers(mesh)  # a peer more: a reload
             if deaf:
-                await until(lambda: speaker.process.restarts == 1, "ExaBGP restarted after unanswered reloads")
-                assert speaker.process._process is not first and speaker.process.reloads_unanswered == process.RELOAD_ATTEMPTS
+                await until(lambda: supervisor.restarts == 1, "ExaBGP restarted after unanswered reloads")
+                assert supervisor._process is not first and supervisor.reloads_unanswered == process.RELOAD_ATTEMPTS
                 # The new one starts from the file, which has every peer.
                 assert (speaker.state_dir / "exabgp.conf").read_text().count("neighbor ") == len(mesh)
             else:
-                await until(lambda: speaker.process.reloads == 1 and "loaded new" in
+                await until(lambda: supervisor.reloads == 1 and "loaded new" in
                             (speaker.state_dir / "exabgp.log").read_text(), "the reload")
-                assert speaker.process.restarts == 0 and speaker.process.reloads_unanswered == 0 and speaker.process._process is first
+                assert supervisor.restarts == 0 and supervisor.reloads_unanswered == 0 and supervisor._process is first
         finally:
             await speaker.stop()
         return speaker

@@ -22,23 +22,24 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from bgpd import logs, privileges
+from bgpd import encap, logs, privileges
 from bgpd.autodetect import detect
 from bgpd.cleanup import sweep_orphan_interfaces
 from bgpd.cni.handler import CNIHandler
 from bgpd.cni.server import CNIServer
 from bgpd.config import Config, ConfigError
 from bgpd.dataplane.kernel import Netlink
+from bgpd.dataplane.routes import NetlinkRoutes
 from bgpd.health import HealthServer, Metrics, PeerHealth, Probe
 from bgpd.kube import Kube, KubeError, KubeNode
-from bgpd.overlay import NODES, POOLS, Overlay, interface_mtu
+from bgpd.overlay import Overlay, interface_mtu
 from bgpd.reconciler import RouteReconciler
 from bgpd.resources import node_resource, node_settings, register_node
 from bgpd.speaker.exabgp import ExaBGP
 from bgpd.speaker.peers import router_id_for
 from bgpd.speaker.sync import BGPSync
 from bgpd.status import StatusServer
-from bgpd.watch import wake_on_change
+from bgpd.viewsync import ViewKeeper
 from ipam import keys
 from ipam.allocator import IPAM
 from ipam.datastore import Datastore
@@ -145,21 +146,29 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None, kube: Kub
         overlay = Overlay(store, ipam, netlink, config.nodename, address, config.networking_backend, underlay_mtu,
                           config.mtu) if config.networking_backend != "none" else None
         bgp: BGPSync | None = None
-        reconciler = RouteReconciler(store, netlink, config.nodename, config.reconcile_interval, overlay=overlay,
+        keeper = ViewKeeper(store, config.nodename,
+                            wants_blocks=lambda view: overlay is not None and encap.vxlan_wanted(view.pools))
+        keeper_task = asyncio.create_task(keeper.run())
+        reconciler = RouteReconciler(keeper.view, NetlinkRoutes(netlink), config.nodename, config.reconcile_interval,
+                                     overlay=overlay,
                                      learned=lambda: bgp.learned() if bgp else {},
                                      learned_changes=lambda: bgp.learned_changes() if bgp else {},
                                      keep_startup_routes=lambda: bgp.speaker.keeps_startup_routes() if bgp else False)
+        store.on_recovery(reconciler.wake)  # drift while etcd was away (a route deleted by hand) waits for no period
         if config.networking_backend == "bird" and (address is not None or address6 is not None):
             speaker = ExaBGP(Path(os.environ.get("CALICO_STATE_DIR", f"/run/calico-py/{config.nodename}")),
                              router_id_for(str(address.ip) if address else None, config.nodename),
                              on_routes=reconciler.wake_routes,
                              listen=tuple(str(a.ip) for a in (address, address6) if a is not None))
-            bgp = BGPSync(store, speaker, config.nodename,
+            bgp = BGPSync(keeper.view, speaker,
                           secrets_dir=Path(os.environ.get("CALICO_SECRETS_DIR", "/etc/calico-py/secrets")))
+            keeper.subscribe(bgp.on_view_change)
             await speaker.start()
         # An ADD cut short by a crash of the previous daemon can have left a veth with no endpoint; nothing of
         # ours is in flight before the CNI socket opens, so any such veth is an orphan now (its routes go with it).
         await sweep_orphan_interfaces(store, netlink, config.nodename)
+        await keeper.ready()
+        keeper.subscribe(reconciler.on_view_change)
         await reconciler.reconcile_once()
         if kube is not None:  # routes are up: tell Kubernetes the node's network is ready, as calico-node does
             try:
@@ -173,7 +182,8 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None, kube: Kub
         metrics = Metrics(lambda: snapshot())
         handler = CNIHandler(ipam, config.nodename, netlink,
                              lambda: overlay.pod_mtu if overlay else config.mtu or underlay_mtu, changed=changed,
-                             pods=kube, observe=lambda *sample: metrics.observe_cni(*sample))
+                             pods=kube, observe=lambda *sample: metrics.observe_cni(*sample),
+                             on_endpoint=keeper.local_endpoint)
         server = CNIServer(handler.handle)
         await server.start()
         started, started_wall = time.monotonic(), time.time()
@@ -218,18 +228,12 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None, kube: Kub
             loop.add_signal_handler(sig, stop.set)
         reconcile_task = asyncio.create_task(reconciler.run())
         bgp_task = asyncio.create_task(bgp.run()) if bgp else None
-        # Pools, Nodes and block affinities drive encapsulation and NAT: a change (a pool's mode applied with
-        # calicoctl-py, a node's new block or VTEP) wakes a full reconcile as soon as the etcd watch reports it.
-        # Blocks themselves change with every allocation anywhere, so they are not watched: an address borrowed
-        # by another node reaches the routes at the next periodic reconcile.
-        watch_task = asyncio.create_task(wake_on_change(store, [NODES, POOLS, keys.HOSTS], reconciler.wake)) \
-            if overlay else None
         await stop.wait()
         log.info("stopping")
         await server.stop()
         await status.stop()
         await health.stop()
-        for task in (reconcile_task, bgp_task, watch_task):
+        for task in (reconcile_task, bgp_task, keeper_task):
             if task:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

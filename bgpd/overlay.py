@@ -1,8 +1,9 @@
 """Encapsulation and NAT outgoing on a node, kept as the pools want them (called by the full reconcile).
 
-Each run reads pools, Nodes and IPAM blocks in one consistent read, then: takes (or gives back) this node's VXLAN
-tunnel address and records it with the VTEP MAC on its Node resource, keeps ``vxlan.calico`` and its neighbour /
-FDB entries as :func:`bgpd.encap.datastore_routes` computes them, and rewrites our NAT table when it changed.
+Each run takes pools, Nodes and IPAM blocks from the node's view (no etcd request), then: takes (or gives back)
+this node's VXLAN tunnel address and records it with the VTEP MAC on its Node resource, keeps ``vxlan.calico``
+and its neighbour / FDB entries as :func:`bgpd.encap.datastore_routes` computes them, and rewrites our NAT table
+when it changed.
 The routes are returned to the reconciler, which owns every route of ours.
 """
 
@@ -20,13 +21,13 @@ from bgpd.dataplane import ipip, nat, vxlan
 from bgpd.dataplane.kernel import Netlink
 from bgpd.desired import RouteSpec
 from bgpd.resources import register_node
+from bgpd.view import NodeView
 from ipam import keys
 from ipam.allocator import IPAM
 from ipam.datastore import Datastore
-from ipam.model import Block, IPPool
+from ipam.model import IPPool
 
 log = logging.getLogger("calico-py-node.overlay")
-NODES, POOLS = keys.resource_prefix("nodes"), keys.resource_prefix("ippools")
 
 
 def interface_mtu(address: ipaddress.IPv4Interface | None) -> int:
@@ -66,20 +67,19 @@ class Overlay:
             return encap.IPIP_OVERHEAD
         return 0
 
-    async def desired(self, connected: tuple[tuple[str, ipaddress.IPv4Interface], ...], repair: bool
-                      ) -> set[RouteSpec]:
-        """Bring tunnel device, entries and NAT in line; the encapsulated (and, without BGP, plain) routes to
-        other nodes. ``repair`` re-applies NAT even when unchanged (the periodic run)."""
-        snapshot = await self.store.read(prefixes=[NODES, POOLS, keys.blocks_prefix(4)])
-        self.pools = [IPPool.from_v3(kv.json()) for kv in snapshot.prefixes[POOLS]]
+    async def desired(self, view: NodeView, connected: tuple[tuple[str, ipaddress.IPv4Interface], ...],
+                      repair: bool) -> set[RouteSpec]:
+        """Bring tunnel device, entries and NAT in line with ``view``; the encapsulated (and, without BGP, plain)
+        routes to other nodes. ``repair`` re-applies NAT even when unchanged (the periodic run)."""
+        self.pools = list(view.pools)
         self.pod_mtu = self.mtu_override or self.underlay_mtu - self.overhead()
-        nodes = {kv.json()["metadata"]["name"]: kv.json() for kv in snapshot.prefixes[NODES]}
+        nodes = dict(view.nodes)
         me = await self._tunnel_endpoint(nodes.get(self.node))
         await self._vtep_device(me)
         await self._ipip_device()
         state = encap.datastore_routes(
             me, [encap.TunnelNode.from_v3(n) for n in nodes.values()],
-            encap.remote_prefixes(Block.from_json(kv.json()) for kv in snapshot.prefixes[keys.blocks_prefix(4)]),
+            encap.remote_prefixes(view.blocks or ()),
             self.pools, connected, plain_too=self.backend != "bird")
         if me.vxlan_address is not None:
             for error in await self.netlink.run(lambda ipr: vxlan.apply_entries(ipr, state)):

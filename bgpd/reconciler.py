@@ -9,17 +9,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from bgpd import desired
+from bgpd import desired, encap
 from bgpd.dataplane import routes
-from bgpd.dataplane.kernel import Netlink
 from bgpd.encap import merge_routes
 from bgpd.overlay import Overlay
-from bgpd.resources import list_node_weps
-from ipam import keys
-from ipam.datastore import Datastore
+from bgpd.view import BLOCKS, ENDPOINTS, NodeView
 from ipam.errors import DatastoreUnavailable
-from ipam.model import BlockAffinity
 
 log = logging.getLogger("calico-py-node.reconcile")
 # After a failed run the next one comes sooner than the periodic one (first retry after RETRY_FIRST_SECONDS,
@@ -64,7 +61,7 @@ class RouteReconciler:
     changed are applied, against what the last runs installed, so a burst of 10,000 routes is not re-read and
     re-diffed per UPDATE."""
 
-    def __init__(self, store: Datastore, netlink: Netlink, node: str, interval: float,
+    def __init__(self, view: Callable[[], NodeView], kernel: routes.RouteKernel, node: str, interval: float,
                  learned: Callable[[], Learned] = dict, learned_changes: Callable[[], Learned] = dict,
                  keep_startup_routes: Callable[[], bool] = lambda: False, overlay: Overlay | None = None) -> None:
         self.learned = learned
@@ -72,8 +69,8 @@ class RouteReconciler:
         self.learned_changes = learned_changes
         # While true (a restart, BGP not relearned yet): the remote routes found in the kernel at start stay.
         self.keep_startup_routes = keep_startup_routes
-        self.store = store
-        self.netlink = netlink
+        self.view = view
+        self.kernel = kernel
         self.node = node
         self.interval = interval
         self.stats = ReconcileStats()
@@ -89,13 +86,25 @@ class RouteReconciler:
         # prefix BGP speaks of (announced or withdrawn) is BGP's from then on.
         self._retained: dict[str, desired.RouteSpec] | None = None
         self._periodic = False
-        # Drift that came while etcd was away (a route deleted by hand, say) waits for no periodic run.
-        store.on_recovery(self.wake)
+        self._held: dict[Any, str] = {}  # which node holds which block, as the IPAM blocks said last
 
     def wake(self) -> None:
         """Run a full reconcile soon."""
         self._full_wanted = True
         self._wake.set()
+
+    def on_view_change(self, changed: set[str]) -> None:
+        """The view changed: this node's blocks, the pools, Nodes and (for VXLAN) the IPAM blocks decide its
+        routes. Its endpoints do not wake a run: the CNI handler plumbs a pod's route itself, and a veth deleted
+        takes its route along. A block change matters only when it moves which node holds what."""
+        changed = changed - {ENDPOINTS}
+        if changed == {BLOCKS}:
+            held = encap.remote_prefixes(self.view().blocks or ())
+            if held == self._held:
+                return
+            self._held = held
+        if changed:
+            self.wake()
 
     def wake_routes(self) -> None:
         """BGP routes changed: apply them soon."""
@@ -104,18 +113,13 @@ class RouteReconciler:
     async def desired_state(self, existing: set[str],
                             connected: list[tuple[str, desired.IPInterface]]) -> set[desired.RouteSpec]:
         """The routes the node should hold, for the interfaces ``existing`` in its kernel."""
-        weps = await list_node_weps(self.store, self.node)
-        affinities = []
-        for version in (4, 6):
-            for kv in await self.store.get_prefix(keys.affinities_prefix(self.node, version)):
-                _, cidr = keys.parse_affinity_key(kv.key)
-                if BlockAffinity.from_json(self.node, cidr, kv.json()).confirmed:
-                    affinities.append(cidr)
+        view = self.view()
+        affinities = list(view.affinities)
         local = [desired.LocalWorkload(w.interface, tuple(ipaddress.ip_interface(n).ip
-                                                          for n in w.ip_networks)) for w in weps]
+                                                          for n in w.ip_networks)) for w in view.endpoints]
         self.stats.workloads = len(local)
         self._connected, self._own = tuple(connected), {str(a) for a in affinities}
-        encapsulated = await self.overlay.desired(self._connected, self._periodic) if self.overlay else set()
+        encapsulated = await self.overlay.desired(view, self._connected, self._periodic) if self.overlay else set()
         self._encapsulated = {r.dst for r in encapsulated}
         learned = {self._through_tunnel(r) for r in desired.remote_routes(self.learned(), connected, affinities)}
         return desired.desired_routes(local, affinities, existing) | merge_routes(encapsulated, learned)
@@ -131,11 +135,11 @@ class RouteReconciler:
         # endpoint before it plumbs its host route (on the same netlink thread), so every route seen here has its
         # endpoint in the read that follows; read the other way round, a pod plumbed between the two reads has a
         # route but no endpoint yet, and would lose its route.
-        names, have, connected = await self.netlink.run(
-            lambda ipr: (routes.interfaces(ipr), routes.actual_routes(ipr), routes.connected(ipr)))
+        kernel = await self.kernel.read()
+        have, connected = set(kernel.routes), list(kernel.connected)
         if self._retained:  # what BGP changed since the last run is BGP's now (learned() below forgets what)
             self._forget_retained(self.learned_changes())
-        want = await self.desired_state(set(names.values()), connected)
+        want = await self.desired_state(set(kernel.interfaces), connected)
         # Just restarted: traffic to other nodes goes on over the routes the previous daemon left while the
         # sessions come back; only those, and only until BGP has relearned what it has.
         if self._retained is None:
@@ -200,7 +204,7 @@ class RouteReconciler:
             self._retained.pop(prefix, None)
 
     async def _apply(self, diff: desired.RouteDiff) -> int:
-        errors = await self.netlink.run(lambda ipr: routes.apply(ipr, diff)) if not diff.empty else []
+        errors = await self.kernel.apply(diff)
         failed = {spec for spec, _ in errors}
         if len(diff.add) + len(diff.remove) > 20:  # a burst (BGP bulk): one line, not one per route
             log.info("routes changed: %d added, %d removed, %d failed", len(diff.add), len(diff.remove), len(errors))

@@ -349,6 +349,7 @@ class Datastore:
         self._channels: dict[int, grpc.aio.Channel] = {}
         self._credentials = self._load_credentials(config)
         self.failovers = 0
+        self.requests = 0  # unary requests made (reads and transactions, each once whatever its retries)
         self.request_errors = 0  # requests etcd failed or did not answer (each attempt; failover follows)
         self.unavailable = 0  # requests given up on: no endpoint answered within the failover time
         # Set once a request gave up (DatastoreUnavailable); the next request that succeeds clears it and calls
@@ -417,6 +418,7 @@ class Datastore:
         return random.uniform(0, min(1.0, 0.05 * 2**rounds))
 
     async def _txn(self, request: Any, mutation: bool) -> tuple[Any, bool]:
+        self.requests += 1
         ambiguous = False
         errors: list[str] = []
         tls_failures: dict[int, str] = {}  # endpoint index -> what is wrong with TLS there

@@ -60,7 +60,8 @@ async def _all(steps: list[Awaitable[Any]]) -> list[Any]:
 class CNIHandler:
     def __init__(self, ipam: IPAM, node: str, netlink: Netlink, default_mtu: Callable[[], int],
                  changed: Callable[[], None] = lambda: None, pods: PodSource | None = None,
-                 observe: Callable[[str, str, float], None] = lambda command, result, seconds: None) -> None:
+                 observe: Callable[[str, str, float], None] = lambda command, result, seconds: None,
+                 on_endpoint: Callable[[str, WorkloadEndpoint | None], None] = lambda key, endpoint: None) -> None:
         self.ipam = ipam
         self.node = node
         self.pods = pods  # the Kubernetes API (pod and namespace annotations), when the node runs in a cluster
@@ -68,6 +69,8 @@ class CNIHandler:
         self.netlink = netlink
         self.default_mtu = default_mtu  # the pod MTU when the network config gives none: underlay minus encap
         self.changed = changed  # wakes the reconciler (a new block may need its blackhole)
+        # This node's endpoint written (None: deleted): the node's view knows before its watch event comes.
+        self.on_endpoint = on_endpoint
         self._claimed = 0
 
     async def handle(self, plugin: str, env: dict[str, str], stdin: str, netns: spec.Netns = spec.NO_NETNS
@@ -254,6 +257,8 @@ class CNIHandler:
                 wep = self._wep(request, workload)
                 steps.append(self._datastore(save_wep(self.ipam.store, wep)))
             await _all(steps)
+            assert wep is not None
+            self.on_endpoint(wep.key, wep)  # before the route: a reconcile keeps routes of known endpoints only
             await self.netlink.run(lambda _: workloads.route_to_pod(workload, index))
         except BaseException as exc:
             await self._undo(workload, request, wep, datastore_down=isinstance(exc, DatastoreDown))
@@ -284,6 +289,7 @@ class CNIHandler:
             records = [self.ipam.release_by_handle(request.handle_id)]
             if wep is not None:
                 records.append(delete_wep(self.ipam.store, wep.namespace, wep.name))
+                self.on_endpoint(wep.key, None)
             if not datastore_down:
                 await _all(records)
                 return
@@ -315,6 +321,9 @@ class CNIHandler:
         if mine:
             steps.append(self._datastore(delete_wep(self.ipam.store, *self._wep_id(request))))
         await _all(steps)
+        if mine:
+            assert wep is not None
+            self.on_endpoint(wep.key, None)
         log.info("cni DEL container=%s pod=%s/%s", request.container_id, request.pod_namespace, request.pod_name)
         # No reconcile needed: the pod's route went with its veth, and an emptied block stays with the node.
 

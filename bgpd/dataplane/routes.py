@@ -8,11 +8,13 @@ import ipaddress
 import json
 import socket
 import subprocess
+from dataclasses import dataclass
+from typing import Protocol
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from bgpd.dataplane.kernel import ROUTE_PROTO, SCOPE_LINK
+from bgpd.dataplane.kernel import ROUTE_PROTO, SCOPE_LINK, Netlink
 from bgpd.desired import IPInterface, RouteDiff, RouteSpec
 
 ONLINK = 4  # RTNH_F_ONLINK: the next hop is on the segment even if no route says so
@@ -131,3 +133,35 @@ def apply(ipr: IPRoute, diff: RouteDiff) -> list[tuple[RouteSpec | None, str]]:
         except KeyError as exc:
             errors.append((spec, f"adding {spec}: device {exc} is gone"))
     return errors
+
+
+@dataclass(frozen=True)
+class KernelRoutes:
+    """What a full reconcile reads of the kernel, in one netlink job."""
+
+    interfaces: frozenset[str]
+    routes: frozenset[RouteSpec]  # ours (protocol 80)
+    connected: tuple[tuple[str, IPInterface], ...]  # (interface, address): where next hops are looked for
+
+
+class RouteKernel(Protocol):
+    """The kernel's routing table as the route reconciler sees it; a fake in the unit tests records the diffs."""
+
+    async def read(self) -> KernelRoutes: ...
+
+    async def apply(self, diff: RouteDiff) -> list[tuple[RouteSpec | None, str]]: ...
+
+
+class NetlinkRoutes:
+    """:class:`RouteKernel` on the node's netlink thread."""
+
+    def __init__(self, netlink: Netlink) -> None:
+        self.netlink = netlink
+
+    async def read(self) -> KernelRoutes:
+        return await self.netlink.run(lambda ipr: KernelRoutes(frozenset(interfaces(ipr).values()),
+                                                               frozenset(actual_routes(ipr)),
+                                                               tuple(connected(ipr))))
+
+    async def apply(self, diff: RouteDiff) -> list[tuple[RouteSpec | None, str]]:
+        return await self.netlink.run(lambda ipr: apply(ipr, diff)) if not diff.empty else []

@@ -1,14 +1,13 @@
-"""Keeps the BGP speaker in step with the datastore: peers (mesh, BGPPeers), announcements (our blocks), and the
-filter for what is accepted (the pools). One consistent read per sync: at start, whenever an etcd watch sees a
-change under what it reads, when etcd answers again after an outage, and every ``resync_interval`` seconds as a
-safety net; only what time alone changes (stale graceful-restart routes expiring, session resets to count) is
-looked at every second, without reading etcd."""
+"""Keeps the BGP speaker in step with the node's view (:mod:`bgpd.view`): peers (mesh, BGPPeers), announcements
+(our blocks), the import filter (the pools), graceful restart and the cluster id, as :func:`plan_speaker` plans
+them. A sync reads no etcd: it runs at start, whenever the view changes, and every ``resync_interval`` seconds
+(a password Secret file changed on disk is seen by no watch); what time alone changes (stale graceful-restart
+routes expiring, session resets to count) is looked at every ``interval`` seconds."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import re
 import time
@@ -17,42 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from bgpd.speaker.exabgp import ExaBGP
-from bgpd.speaker.peers import (
-    MALFORMED,
-    MESH_PASSWORD,
-    NodeInfo,
-    PoolFilter,
-    announcements,
-    config_problem,
-    desired_peers,
-    node_problem,
-    peer_problem,
-    secret_ref,
-)
+from bgpd.speaker.peers import MALFORMED, PoolFilter
+from bgpd.speaker.plan import plan_speaker, secret_refs
 from bgpd.speaker.rib import Routes, Session
-from bgpd.watch import wake_on_change
-from ipam import keys
-from ipam.datastore import Datastore, WatchEvent
-from ipam.errors import DatastoreUnavailable, InvalidResource
-from ipam.model import BlockAffinity, IPPool
+from bgpd.view import BLOCKS, NodeView
 
 log = logging.getLogger("calico-py-node.bgp")
-# A sync reads etcd when the watch reports a change; this often regardless, in case one slipped past the watch
-# (and to pick up a password secret file changed on disk, which no watch sees).
+# Besides every change of the view, a sync this often: a password Secret file changed on disk is seen by no watch.
 RESYNC_SECONDS = 30.0
 # ExaBGP's reason for a session it closed over a bad UPDATE: "notification sent (3,<subcode>) ..." (RFC 4271 6.3)
 MALFORMED_NOTIFICATION = re.compile(r"notification sent \(3,|UPDATE message error", re.IGNORECASE)
-
-
-def restart_seconds(duration: str | None, default: int = 120) -> int:
-    """A Go-style duration ("120s", "2m", "1m30s") in whole seconds; "0s" means graceful restart off."""
-    if not duration:
-        return default
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", duration)
-    if not parts:
-        return default
-    total = sum(float(number) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit] for number, unit in parts)
-    return round(total)  # 0 turns graceful restart off
 
 
 def read_secret(directory: Path, name: str, key: str) -> str | None:
@@ -69,32 +42,17 @@ def read_secret(directory: Path, name: str, key: str) -> str | None:
 
 
 class BGPSync:
-    def __init__(self, store: Datastore, speaker: ExaBGP, node: str, interval: float = 1.0,
+    def __init__(self, view: Callable[[], NodeView], speaker: ExaBGP, interval: float = 1.0,
                  secrets_dir: Path = Path("/etc/calico-py/secrets"), resync_interval: float = RESYNC_SECONDS) -> None:
+        self.view = view
         self.resync_interval = resync_interval
         self.secrets_dir = secrets_dir
         self._wake = asyncio.Event()
-        self.store = store
         self.speaker = speaker
-        self.node = node
         self.interval = interval
-        self._pools: list[IPPool] = []
+        self._pools: tuple[Any, ...] | None = None  # the pools the import filter was last built from
         self._downs_seen: dict[str, int] = {}  # peer -> its session losses already looked at
-        self._problems_logged: set[str] = set()  # unusable resources already warned about (sync runs every second)
-        self._affine_blocks: list[Any] = []  # this node's confirmed blocks at the last sync (see relevant())
         speaker.rib.set_filter(PoolFilter([]))  # nothing is accepted before the pools are read
-
-    @property
-    def pools(self) -> list[IPPool]:
-        return self._pools
-
-    @pools.setter
-    def pools(self, pools: list[IPPool]) -> None:
-        self._pools = pools
-        # Built once per change (it judges every path of every burst); routes filtered out by the old pools may
-        # be accepted now, and the reverse.
-        self.speaker.rib.set_filter(PoolFilter(pools))
-        self.speaker.on_routes()
 
     @property
     def rejected_total(self) -> dict[tuple[str, str], int]:
@@ -125,138 +83,65 @@ class BGPSync:
                 log.warning("bgp peer %s sent a malformed UPDATE: session reset (%s)", address, peer.last_down)
 
     async def sync_once(self) -> None:
-        nodes_prefix, peers_prefix = keys.resource_prefix("nodes"), keys.resource_prefix("bgppeers")
-        pools_prefix = keys.resource_prefix("ippools")
-        affinity_prefixes = [keys.affinities_prefix(self.node, version) for version in (4, 6)]
-        config_key = keys.resource_key("bgpconfigurations", "default")
-        weps_prefix = keys.resource_prefix("workloadendpoints")
-        snapshot = await self.store.read(keys=[config_key], prefixes=[nodes_prefix, peers_prefix, pools_prefix,
-                                                                      *affinity_prefixes, weps_prefix])
-        problems: list[str] = []
-        nodes = [NodeInfo.from_v3(obj) for obj in self._usable(snapshot.prefixes[nodes_prefix], node_problem,
-                                                                problems)]
-        pools = []
-        for kv in snapshot.prefixes[pools_prefix]:
-            try:
-                pools.append(IPPool.from_v3(kv.json()))
-            except (InvalidResource, ValueError) as exc:
-                problems.append(f"{kv.key}: {exc}")
-        config_kv = snapshot.keys[config_key]
-        configs = self._usable([config_kv] if config_kv else [], config_problem, problems)
-        config: dict[str, Any] | None = configs[0] if configs else None
-        bgp_peers = self._usable(snapshot.prefixes[peers_prefix], peer_problem, problems)
-        for problem in sorted(set(problems) - self._problems_logged):
-            log.warning("bgp: resource %s; ignored until it is fixed", problem)
-        self._problems_logged = set(problems)
-        me = next((n for n in nodes if n.name == self.node), None)
-        if me is None:
-            return
-        if pools != self.pools:
-            self.pools = pools
-        blocks = []
-        for kv in (kv for prefix in affinity_prefixes for kv in snapshot.prefixes[prefix]):
-            _, cidr = keys.parse_affinity_key(kv.key)
-            if BlockAffinity.from_json(self.node, cidr, kv.json()).confirmed:
-                blocks.append(cidr)
-        self._affine_blocks = blocks
-        self.speaker.rib.cluster_id = me.rr_cluster_id
-        self.speaker.set_graceful_restart(restart_seconds((config or {}).get("spec", {}).get("nodeMeshMaxRestartTime")))
+        view = self.view()
+        plan = plan_speaker(view, self._passwords(view))
+        if plan is None:
+            return  # this node has no Node resource yet
+        if plan.pools != self._pools:
+            self._pools = plan.pools
+            # Built once per change (it judges every path of every burst); routes filtered out by the old pools
+            # may be accepted now, and the reverse.
+            self.speaker.rib.set_filter(PoolFilter(plan.pools))
+            self.speaker.on_routes()
+        self.speaker.rib.cluster_id = plan.cluster_id
+        self.speaker.set_graceful_restart(plan.graceful_restart)
         self.speaker.expire_stale()
         self.note_malformed()
-        passwords: dict[str, str] = {}
-        references = [((p.get("metadata") or {}).get("name", ""), secret_ref(p.get("spec") or {}, "password"))
-                      for p in bgp_peers]
-        references.append((MESH_PASSWORD, secret_ref((config or {}).get("spec") or {}, "nodeMeshPassword")))
-        for name, ref in references:
-            if ref is not None:
-                value = read_secret(self.secrets_dir, *ref)
-                if value is None:
-                    log.warning("bgp password secret %s/%s for %s not found in %s", *ref, name or "the mesh",
-                                self.secrets_dir)
-                    continue
-                passwords[name] = value
-        self.speaker.set_peers(desired_peers(me, nodes, config, bgp_peers, passwords))
-        local = [ipaddress.ip_interface(n).ip for kv in snapshot.prefixes[weps_prefix]
-                 if (spec := (kv.json() or {}).get("spec") or {}).get("node") == self.node
-                 for n in spec.get("ipNetworks") or []]
-        await self.speaker.set_announcements(announcements(blocks, self.pools, local))
+        self.speaker.set_peers(list(plan.peers))
+        await self.speaker.set_announcements(set(plan.announcements))
         await self.speaker.reflect()
 
-    @staticmethod
-    def _usable(kvs: list[Any], problem: Callable[[Any], str | None], problems: list[str]) -> list[Any]:
-        """The resources ``problem`` finds nothing wrong with; what is wrong with the others goes to ``problems``:
-        one resource another tool wrote wrong must not stop the peering the others describe."""
-        usable = []
-        for kv in kvs:
-            try:
-                obj = kv.json()
-            except ValueError:
-                problems.append(f"{kv.key}: not JSON")
+    def _passwords(self, view: NodeView) -> dict[str, str]:
+        """The TCP-MD5 passwords the peering uses, from the Secret files mounted in ``secrets_dir``."""
+        passwords = {}
+        for name, ref in secret_refs(view).items():
+            value = read_secret(self.secrets_dir, *ref)
+            if value is None:
+                log.warning("bgp password secret %s/%s for %s not found in %s", *ref, name or "the mesh",
+                            self.secrets_dir)
                 continue
-            if (reason := problem(obj)) is None:
-                usable.append(obj)
-            else:
-                problems.append(f"{kv.key}: {reason}")
-        return usable
+            passwords[name] = value
+        return passwords
 
     def wake(self) -> None:
         """Sync now: the watch saw a change (a new block to announce), or etcd is back after an outage."""
         self._wake.set()
 
-    def watched_prefixes(self) -> list[str]:
-        """Where everything :meth:`sync_once` reads lives: a change under any of these wakes a sync."""
-        return [keys.resource_prefix(plural) for plural in ("nodes", "bgppeers", "ippools", "bgpconfigurations",
-                                                            "workloadendpoints")] + [keys.host_prefix(self.node)]
-
-    def relevant(self, event: WatchEvent) -> bool:
-        """Whether a watched change can matter here. Every pod started anywhere writes a WorkloadEndpoint; only
-        this node's with an address outside its blocks (borrowed: announced as a /32 or /128) changes what the
-        node announces; any other change wakes the sync. A new block shows as an affinity change."""
-        if not event.key.startswith(keys.resource_prefix("workloadendpoints")):
-            return True
-        values = [kv for kv in (event.kv, event.prev) if kv is not None and kv.value]
-        if not values:
-            return True  # a delete whose previous value etcd no longer had: cannot tell whose it was
-        for kv in values:
-            try:
-                spec = (kv.json() or {}).get("spec") or {}
-                if spec.get("node") == self.node and not all(
-                        any(ipaddress.ip_interface(n).ip in block for block in self._affine_blocks)
-                        for n in spec.get("ipNetworks") or []):
-                    return True
-            except (ValueError, AttributeError, TypeError):
-                return True  # cannot tell: sync, and sync_once judges the resource
-        return False
+    def on_view_change(self, changed: set[str]) -> None:
+        """The view changed: every watched prefix but the IPAM blocks (which the overlay reads) can change what the
+        speaker runs."""
+        if changed - {BLOCKS}:
+            self.wake()
 
     async def run(self) -> None:
-        """Sync at start, on every wake (the etcd watch, etcd answering again after an outage) and
-        every ``resync_interval`` seconds; every ``interval`` seconds in between, only what time alone changes."""
-        self.store.on_recovery(self.wake)
-        watcher = asyncio.create_task(wake_on_change(self.store, self.watched_prefixes(), self.wake, self.relevant))
+        """Sync at start, on every wake (the view changed) and every ``resync_interval`` seconds; every ``interval``
+        seconds in between, only what time alone changes."""
         next_sync = 0.0
-        try:
-            while True:
-                if self._wake.is_set() or time.monotonic() >= next_sync:
-                    self._wake.clear()  # a wake from here on means another sync
-                    next_sync = time.monotonic() + self.resync_interval
-                    try:
-                        await self.sync_once()
-                    except DatastoreUnavailable as exc:  # an outage: sessions and announcements stay as they are
-                        log.warning("bgp sync postponed, peers and announcements kept: %s", exc)
-                        next_sync = time.monotonic() + self.interval
-                    except Exception:
-                        log.exception("bgp sync failed")
-                        next_sync = time.monotonic() + self.interval
-                else:
-                    self.speaker.expire_stale()
-                    self.note_malformed()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(),
-                                           timeout=max(0.0, min(self.interval, next_sync - time.monotonic())))
-        finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+        while True:
+            if self._wake.is_set() or time.monotonic() >= next_sync:
+                self._wake.clear()  # a wake from here on means another sync
+                next_sync = time.monotonic() + self.resync_interval
+                try:
+                    await self.sync_once()
+                except Exception:
+                    log.exception("bgp sync failed")
+                    next_sync = time.monotonic() + self.interval
+            else:
+                self.speaker.expire_stale()
+                self.note_malformed()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(),
+                                       timeout=max(0.0, min(self.interval, next_sync - time.monotonic())))
 
     def status(self) -> list[dict[str, Any]]:
         return [{"address": address, "family": f"IPv{peer.spec.version}", "type": peer.spec.kind, "state": peer.state,

@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from bgpd.speaker.sync import BGPSync
-from ipam import keys
-from ipam.datastore import Datastore, Delete, EtcdConfig, Put, WatchUpdate, encode
+from ipam.datastore import Datastore, Delete, EtcdConfig, Put, WatchUpdate
 from tests.etcdserver import EtcdCluster, etcd_available, etcdctl
 
 PODS, NODES, OTHER = "/test/watch/pods/", "/test/watch/nodes/", "/test/watch/other/"
@@ -225,45 +221,3 @@ async def test_writes_during_an_outage_of_the_watched_member(etcd_cluster3: Etcd
         await watch.until_revision(after)
         assert watch.event_revisions()[-1] == after
         assert watch.state() == await current_state(writer, [PODS])
-
-
-
-async def test_what_wakes_the_bgp_sync(etcd_endpoints: list[str]) -> None:
-    """The BGP sync's watch, on real events: this node's affinities, the cluster's resources and this node's
-    WorkloadEndpoints with a borrowed address (announced as a /32; created and deleted: the delete is known by
-    the value before it) wake it. Endpoints inside its own blocks and other nodes' do not (every pod started
-    anywhere writes one), nor do other nodes' affinities and IPAM blocks (not watched)."""
-    async with Datastore(config(etcd_endpoints)) as store:
-        sync = BGPSync(store, SimpleNamespace(), "node1")  # type: ignore[arg-type]  # relevant() needs no speaker
-        block = ipaddress.ip_network("10.244.0.0/26")
-        sync._affine_blocks = [block]  # as the last sync found them
-        async with collecting(store, sync.watched_prefixes()) as watch:
-            await watch.wait_for(lambda: bool(watch.updates), "the listing")
-
-            def endpoint(node: str, address: str) -> bytes:
-                return encode({"spec": {"node": node, "ipNetworks": [f"{address}/32"]}})
-
-            mine = keys.resource_key("workloadendpoints", "ns/node1-k8s-pod-eth0")
-            borrowed = keys.resource_key("workloadendpoints", "ns/node1-k8s-borrowed-eth0")
-            theirs = keys.resource_key("workloadendpoints", "ns/node2-k8s-pod-eth0")
-            writes = {
-                "their endpoint": await store.put(theirs, endpoint("node2", "10.244.1.1")),
-                "my endpoint": await store.put(mine, endpoint("node1", "10.244.0.5")),
-                "my endpoint deleted": (await store.txn([], [Delete(mine)])).revision,
-                "my borrowed endpoint": await store.put(borrowed, endpoint("node1", "10.244.1.2")),
-                "my borrowed endpoint deleted": (await store.txn([], [Delete(borrowed)])).revision,
-                "their endpoint deleted": (await store.txn([], [Delete(theirs)])).revision,
-                "my affinity": await store.put(keys.affinity_key("node1", block), b'{"state":"confirmed"}'),
-                "their affinity": await store.put(keys.affinity_key("node2", block), b'{"state":"confirmed"}'),
-                "a block": await store.put(keys.block_key(block), b"{}"),
-                "a pool": await store.put(keys.resource_key("ippools", "p"), b"{}"),
-                "a peer": await store.put(keys.resource_key("bgppeers", "p"), b"{}"),
-                "the configuration": await store.put(keys.resource_key("bgpconfigurations", "default"), b"{}"),
-                "a node": await store.put(keys.resource_key("nodes", "node3"), b"{}"),
-            }
-            await watch.wait_for(lambda: max(watch.event_revisions(), default=0) >= writes["a node"], "every write")
-            events = {event.revision: event for update in watch.updates for event in update.events}
-            woken = {what for what, revision in writes.items()
-                     if revision in events and sync.relevant(events[revision])}
-            assert woken == {"my borrowed endpoint", "my borrowed endpoint deleted", "my affinity", "a pool",
-                             "a peer", "the configuration", "a node"}

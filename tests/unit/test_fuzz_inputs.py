@@ -41,7 +41,9 @@ from bgpd.speaker.peers import (
     peer_problem,
     secret_ref,
 )
-from bgpd.speaker.sync import BGPSync, restart_seconds
+from bgpd.speaker.plan import restart_seconds
+from bgpd.speaker.sync import BGPSync
+from bgpd.view import NodeView
 from calicoctl_py.commands.resources import UserError, normalise, read_documents
 from ipam.errors import InvalidResource
 from ipam.model import IPPool
@@ -283,8 +285,8 @@ def test_refused_routes_are_counted_once_per_announcement_and_exposed_as_a_metri
     rogue, mesh = "10.0.0.66", "10.0.0.12"
     speaker.set_peers([PeerSpec(rogue, 65066, 64512, "10.0.0.11", GLOBAL, "rogue"),
                        PeerSpec(mesh, 64512, 64512, "10.0.0.11", MESH, "node2")])
-    sync = BGPSync(store=None, speaker=speaker, node="node1")  # type: ignore[arg-type]  # no datastore needed
-    sync.pools = POOLS[:1]
+    sync = BGPSync(lambda: NodeView("node1"), speaker)
+    speaker.rib.set_filter(PoolFilter(POOLS[:1]))
 
     def update(peer: str, announce: list[str] = (), withdraw: list[str] = (), **attributes: Any) -> None:  # type: ignore[assignment]
         body: dict[str, Any] = {"attribute": attributes}
@@ -329,8 +331,7 @@ def test_refused_routes_are_counted_once_per_announcement_and_exposed_as_a_metri
 
 def test_a_reflector_hands_its_clients_only_what_it_accepts(tmp_path: Path) -> None:
     speaker = ExaBGP(tmp_path, "10.0.1.11", on_routes=lambda: None)
-    sync = BGPSync(store=None, speaker=speaker, node="node1")  # type: ignore[arg-type]
-    sync.pools = POOLS[:1]
+    speaker.rib.set_filter(PoolFilter(POOLS[:1]))
     rogue_client, client = (PeerSpec(a, 64512, 64512, "10.0.1.11", GLOBAL, a, rr_client=True)
                             for a in ("10.0.1.66", "10.0.1.13"))
     speaker.set_peers([rogue_client, client])
@@ -346,8 +347,8 @@ def test_a_flood_of_refused_routes_logs_a_bounded_number_of_lines(tmp_path: Path
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     speaker = ExaBGP(tmp_path, "10.0.0.11", on_routes=lambda: None)
     speaker.set_peers([PeerSpec("10.0.0.66", 65066, 64512, "10.0.0.11", GLOBAL, "rogue")])
-    sync = BGPSync(store=None, speaker=speaker, node="node1")  # type: ignore[arg-type]
-    sync.pools = POOLS[:1]
+    sync = BGPSync(lambda: NodeView("node1"), speaker)
+    speaker.rib.set_filter(PoolFilter(POOLS[:1]))
     speaker.rib.tables["10.0.0.66"] = {f"192.0.{i // 256}.{i % 256}/32": BGPPath("10.0.0.66") for i in range(5000)}
     with caplog.at_level("WARNING", logger="calico-py-node.bgp"):
         assert sync.learned() == {}

@@ -21,7 +21,8 @@ from typing import Protocol, TypeVar
 from pyroute2 import IPRoute
 
 from bgpd.dataplane import workloads
-from bgpd.resources import WorkloadEndpoint, list_weps
+from bgpd.resources import WorkloadEndpoint
+from bgpd.store import list_weps
 from ipam.allocator import IPAM
 from ipam.check import load_state
 from ipam.datastore import Datastore

@@ -34,11 +34,12 @@ from bgpd.health import HealthServer, Metrics, PeerHealth, Probe
 from bgpd.kube import Kube, KubeError, KubeNode
 from bgpd.overlay import Overlay, interface_mtu
 from bgpd.reconciler import RouteReconciler
-from bgpd.resources import node_resource, node_settings, register_node
+from bgpd.resources import node_resource, node_settings
 from bgpd.speaker.exabgp import ExaBGP
 from bgpd.speaker.peers import router_id_for
 from bgpd.speaker.sync import BGPSync
 from bgpd.status import StatusServer
+from bgpd.store import register_node
 from bgpd.viewsync import ViewKeeper
 from ipam import keys
 from ipam.allocator import IPAM

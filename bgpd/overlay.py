@@ -20,7 +20,7 @@ from bgpd import encap
 from bgpd.dataplane import ipip, nat, vxlan
 from bgpd.dataplane.kernel import Netlink
 from bgpd.desired import RouteSpec
-from bgpd.resources import register_node
+from bgpd.store import register_node
 from bgpd.view import NodeView
 from ipam import keys
 from ipam.allocator import IPAM

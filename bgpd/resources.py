@@ -1,4 +1,4 @@
-"""Node and WorkloadEndpoint resources in Calico's v3 shapes, and their etcd storage."""
+"""Node and WorkloadEndpoint resources in Calico's v3 shapes, as values (their etcd storage: :mod:`bgpd.store`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ipam import keys
-from ipam.datastore import Datastore, Delete, ModRevisionIs, Put
 
 API_VERSION = "projectcalico.org/v3"
 
@@ -32,17 +31,6 @@ def node_resource(name: str, ipv4: ipaddress.IPv4Interface | None, ipv6: ipaddre
         bgp["routeReflectorClusterID"] = rr_cluster_id
     spec["bgp"] = bgp
     return {**node, "metadata": metadata, "spec": spec}
-
-
-async def register_node(store: Datastore, resource: dict[str, Any]) -> None:
-    key = keys.resource_key("nodes", resource["metadata"]["name"])
-    while True:
-        kv = await store.get(key)
-        if kv is not None and kv.json() == resource:
-            return
-        result = await store.txn([ModRevisionIs(key, kv.mod_revision if kv else 0)], [Put.json(key, resource)])
-        if result.succeeded:
-            return
 
 
 @dataclass(frozen=True)
@@ -89,23 +77,6 @@ def wep_name(node: str, orchestrator: str, workload: str, endpoint: str) -> str:
 
 def wep_key(namespace: str, name: str) -> str:
     return f"{keys.resource_prefix('workloadendpoints')}{namespace}/{name}"
-
-
-async def list_weps(store: Datastore) -> list[WorkloadEndpoint]:
-    return [WorkloadEndpoint.from_v3(kv.json()) for kv in await store.get_prefix(keys.resource_prefix(
-        "workloadendpoints"))]
-
-
-async def list_node_weps(store: Datastore, node: str) -> list[WorkloadEndpoint]:
-    return [w for w in await list_weps(store) if w.node == node]
-
-
-async def save_wep(store: Datastore, wep: WorkloadEndpoint) -> None:
-    await store.txn([], [Put.json(wep.key, wep.to_v3())])
-
-
-async def delete_wep(store: Datastore, namespace: str, name: str) -> None:
-    await store.txn([], [Delete(wep_key(namespace, name))])
 
 
 AS_ANNOTATION = "projectcalico.org/ASNumber"

@@ -24,7 +24,8 @@ from bgpd.cni.annotations import AnnotationError, PodRequest, PodSource, pod_req
 from bgpd.cni.spec import CNIError, Request, Result
 from bgpd.dataplane import workloads
 from bgpd.dataplane.kernel import Netlink
-from bgpd.resources import WorkloadEndpoint, delete_wep, list_node_weps, save_wep, wep_key, wep_name
+from bgpd.resources import WorkloadEndpoint, wep_key, wep_name
+from bgpd.store import delete_wep, list_node_weps, save_wep
 from ipam.allocator import IPAM, AssignResult, Extra
 from ipam.datastore import Put
 from ipam.errors import DatastoreUnavailable, IPAMError, NoEligiblePool, PoolExhausted

@@ -12,7 +12,8 @@ import pytest
 
 from bgpd.controller import Controller
 from bgpd.kube import Kube, KubeError
-from bgpd.resources import WorkloadEndpoint, save_wep, wep_name
+from bgpd.resources import WorkloadEndpoint, wep_name
+from bgpd.store import save_wep
 from ipam import keys
 from ipam.allocator import IPAM
 from ipam.check import check, load_state

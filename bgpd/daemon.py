@@ -28,11 +28,12 @@ from bgpd.cleanup import sweep_orphan_interfaces
 from bgpd.cni.handler import CNIHandler
 from bgpd.cni.server import CNIServer
 from bgpd.config import Config, ConfigError
-from bgpd.dataplane.kernel import Netlink
+from bgpd.dataplane.kernel import Netlink, interface_mtu
+from bgpd.dataplane.overlay_kernel import NetlinkOverlay
 from bgpd.dataplane.routes import NetlinkRoutes
 from bgpd.health import HealthServer, Metrics, PeerHealth, Probe
 from bgpd.kube import Kube, KubeError, KubeNode
-from bgpd.overlay import Overlay, interface_mtu
+from bgpd.overlay import Overlay
 from bgpd.reconciler import RouteReconciler
 from bgpd.resources import node_resource, node_settings
 from bgpd.speaker.exabgp import ExaBGP
@@ -124,124 +125,154 @@ async def ensure_default_pool(store: Datastore, config: Config) -> None:
             log.error("default pool %s %s not created: %s; create a pool by hand", pool.name, pool.cidr, exc)
 
 
-async def run(config: Config, address: ipaddress.IPv4Interface | None, kube: Kube | None = None,
-              kube_node: KubeNode | None = None, address6: ipaddress.IPv6Interface | None = None) -> None:
+async def register(store: Datastore, config: Config, address: ipaddress.IPv4Interface | None,
+                   address6: ipaddress.IPv6Interface | None, kube_node: KubeNode | None) -> Config:
+    """This node's Node resource (our fields set, the rest kept) and the default pools; the settings as the
+    Kubernetes Node's labels and annotations complete them."""
+    existing = await store.get(keys.resource_key("nodes", config.nodename))
+    settings = node_settings(kube_node.labels if kube_node else {}, kube_node.annotations if kube_node else {},
+                             config.labels, config.as_number, config.rr_cluster_id)
+    for problem in settings.problems:
+        log.warning("kubernetes node %s: %s (ignored)", config.nodename, problem)
+    config = dataclasses.replace(config, as_number=settings.as_number, rr_cluster_id=settings.rr_cluster_id)
+    await register_node(store, node_resource(config.nodename, address, address6, config.as_number, settings.labels,
+                                             existing.json() if existing else None, config.rr_cluster_id))
+    await ensure_default_pool(store, config)
+    return config
+
+
+def forwarding_on(ipv6: bool) -> None:
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
-    if address6 is not None or config.default_pool6 is not None:
+    if ipv6:
         # IPv6 pods: the kernel forwards IPv6 only with the global switch on (per-interface forwarding, set on
         # each cali veth, only makes the interface act as a router).
         Path("/proc/sys/net/ipv6/conf/all/forwarding").write_text("1")
-    async with Datastore(config.etcd) as store:
-        existing = await store.get(f"/calico/resources/v3/projectcalico.org/nodes/{config.nodename}")
-        settings = node_settings(kube_node.labels if kube_node else {}, kube_node.annotations if kube_node else {},
-                                 config.labels, config.as_number, config.rr_cluster_id)
-        for problem in settings.problems:
-            log.warning("kubernetes node %s: %s (ignored)", config.nodename, problem)
-        config = dataclasses.replace(config, as_number=settings.as_number, rr_cluster_id=settings.rr_cluster_id)
-        await register_node(store, node_resource(config.nodename, address, address6, config.as_number, settings.labels,
-                                                 existing.json() if existing else None, config.rr_cluster_id))
-        await ensure_default_pool(store, config)
-        netlink = Netlink()
-        ipam = IPAM(store)
-        underlay_mtu = interface_mtu(address)
-        overlay = Overlay(store, ipam, netlink, config.nodename, address, config.networking_backend, underlay_mtu,
-                          config.mtu) if config.networking_backend != "none" else None
-        bgp: BGPSync | None = None
-        keeper = ViewKeeper(store, config.nodename,
-                            wants_blocks=lambda view: overlay is not None and encap.vxlan_wanted(view.pools))
-        keeper_task = asyncio.create_task(keeper.run())
-        reconciler = RouteReconciler(keeper.view, NetlinkRoutes(netlink), config.nodename, config.reconcile_interval,
-                                     overlay=overlay,
-                                     learned=lambda: bgp.learned() if bgp else {},
-                                     learned_changes=lambda: bgp.learned_changes() if bgp else {},
-                                     keep_startup_routes=lambda: bgp.speaker.keeps_startup_routes() if bgp else False)
-        store.on_recovery(reconciler.wake)  # drift while etcd was away (a route deleted by hand) waits for no period
+
+
+class NodeDaemon:
+    """The node's parts, wired: the view, the route reconciler, the overlay, the BGP speaker and its sync, the
+    CNI server, status and health."""
+
+    def __init__(self, store: Datastore, config: Config, address: ipaddress.IPv4Interface | None,
+                 address6: ipaddress.IPv6Interface | None, kube: Kube | None) -> None:
+        self.store, self.config, self.address, self.address6, self.kube = store, config, address, address6, kube
+        self.netlink = Netlink()
+        self.ipam = IPAM(store)
+        self.underlay_mtu = interface_mtu(address)
+        self.overlay = Overlay(store, self.ipam, NetlinkOverlay(self.netlink), config.nodename, address,
+                               config.networking_backend, self.underlay_mtu, config.mtu) \
+            if config.networking_backend != "none" else None
+        self.keeper = ViewKeeper(store, config.nodename, wants_blocks=lambda view: self.overlay is not None
+                                 and encap.vxlan_wanted(view.pools))
+        self.bgp: BGPSync | None = None
+        self.reconciler = RouteReconciler(
+            self.keeper.view, NetlinkRoutes(self.netlink), config.nodename, config.reconcile_interval,
+            overlay=self.overlay, learned=lambda: self.bgp.learned() if self.bgp else {},
+            learned_changes=lambda: self.bgp.learned_changes() if self.bgp else {},
+            keep_startup_routes=lambda: self.bgp.speaker.keeps_startup_routes() if self.bgp else False)
+        # Drift while etcd was away (a route deleted by hand) waits for no periodic run.
+        store.on_recovery(self.reconciler.wake)
         if config.networking_backend == "bird" and (address is not None or address6 is not None):
             speaker = ExaBGP(Path(os.environ.get("CALICO_STATE_DIR", f"/run/calico-py/{config.nodename}")),
                              router_id_for(str(address.ip) if address else None, config.nodename),
-                             on_routes=reconciler.wake_routes,
+                             on_routes=self.reconciler.wake_routes,
                              listen=tuple(str(a.ip) for a in (address, address6) if a is not None))
-            bgp = BGPSync(keeper.view, speaker,
-                          secrets_dir=Path(os.environ.get("CALICO_SECRETS_DIR", "/etc/calico-py/secrets")))
-            keeper.subscribe(bgp.on_view_change)
-            await speaker.start()
+            self.bgp = BGPSync(self.keeper.view, speaker,
+                               secrets_dir=Path(os.environ.get("CALICO_SECRETS_DIR", "/etc/calico-py/secrets")))
+            self.keeper.subscribe(self.bgp.on_view_change)
+        self.metrics = Metrics(self.snapshot)
+        self.handler = CNIHandler(self.ipam, config.nodename, self.netlink, self.pod_mtu,
+                                  changed=self.reconciler.wake, pods=kube, observe=self.metrics.observe_cni,
+                                  on_endpoint=self.keeper.local_endpoint)
+        self.servers = (CNIServer(self.handler.handle), StatusServer(self.snapshot),
+                        HealthServer(config.health_host, config.health_port, self.probe, self.metrics))
+        self.tasks: list[asyncio.Task[None]] = []
+        self.started, self.started_wall = time.monotonic(), time.time()
+
+    def pod_mtu(self) -> int:
+        return self.overlay.pod_mtu if self.overlay else self.config.mtu or self.underlay_mtu
+
+    async def start(self) -> None:
+        """Converge the kernel before serving: a restart repairs what it finds before new pods arrive."""
+        self.tasks.append(asyncio.create_task(self.keeper.run()))
+        if self.bgp:
+            await self.bgp.speaker.start()
         # An ADD cut short by a crash of the previous daemon can have left a veth with no endpoint; nothing of
         # ours is in flight before the CNI socket opens, so any such veth is an orphan now (its routes go with it).
-        await sweep_orphan_interfaces(store, netlink, config.nodename)
-        await keeper.ready()
-        keeper.subscribe(reconciler.on_view_change)
-        await reconciler.reconcile_once()
-        if kube is not None:  # routes are up: tell Kubernetes the node's network is ready, as calico-node does
+        await sweep_orphan_interfaces(self.store, self.netlink, self.config.nodename)
+        await self.keeper.ready()
+        self.keeper.subscribe(self.reconciler.on_view_change)
+        await self.reconciler.reconcile_once()
+        if self.kube is not None:  # routes are up: tell Kubernetes the node's network is ready, as calico-node does
             try:
-                await asyncio.to_thread(kube.set_network_unavailable, config.nodename, False, "CalicoIsUp",
+                await asyncio.to_thread(self.kube.set_network_unavailable, self.config.nodename, False, "CalicoIsUp",
                                         "calico-py is running on this node")
             except KubeError as exc:
                 log.warning("could not clear the NetworkUnavailable condition: %s", exc)
-        def changed() -> None:  # a CNI ADD or DEL; the BGP sync hears of it from its etcd watch
-            reconciler.wake()
+        for server in self.servers:
+            await server.start()
+        self.tasks.append(asyncio.create_task(self.reconciler.run()))
+        if self.bgp:
+            self.tasks.append(asyncio.create_task(self.bgp.run()))
+        log.info("ready node=%s ip=%s ip6=%s etcd=%s", self.config.nodename, self.address, self.address6,
+                 ",".join(self.config.etcd.endpoints))
 
-        metrics = Metrics(lambda: snapshot())
-        handler = CNIHandler(ipam, config.nodename, netlink,
-                             lambda: overlay.pod_mtu if overlay else config.mtu or underlay_mtu, changed=changed,
-                             pods=kube, observe=lambda *sample: metrics.observe_cni(*sample),
-                             on_endpoint=keeper.local_endpoint)
-        server = CNIServer(handler.handle)
-        await server.start()
-        started, started_wall = time.monotonic(), time.time()
+    async def stop(self) -> None:
+        log.info("stopping")
+        for server in self.servers:
+            await server.stop()
+        for task in self.tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.bgp:
+            await self.bgp.speaker.stop()
+        self.netlink.close()
 
-        def snapshot() -> dict[str, Any]:
-            return {"node": config.nodename, "address": str(address) if address else None,
-                    "address6": str(address6) if address6 else None, "ready": True,
-                    "uptime_seconds": time.monotonic() - started, "version": __version__,
-                    "reconcile": dataclasses.asdict(reconciler.stats), "workloads": reconciler.stats.workloads,
-                    "datastore": {"endpoint": store.endpoint, "failovers": store.failovers,
-                                  "errors": store.request_errors, "unavailable": store.unavailable},
-                    "bgp": bgp is not None, "peers": bgp.status() if bgp else [],
-                    "bgp_last_update": bgp.speaker.last_update_at if bgp else None,
-                    "advertised": len(bgp.speaker.announced) if bgp else 0, "ipam": dict(ipam.stats),
-                    "exabgp": {"restarts": bgp.speaker.process.restarts, "reloads": bgp.speaker.process.reloads,
-                               "reloads_unanswered": bgp.speaker.process.reloads_unanswered,
-                               "malformed": dict(bgp.speaker.rib.malformed)} if bgp else {},
-                    "logs": [p for p in (os.environ.get("CALICO_LOG_FILE"),) if p]}
+    def snapshot(self) -> dict[str, Any]:
+        """What ``calicoctl-py node status`` and /metrics show."""
+        bgp, store = self.bgp, self.store
+        return {"node": self.config.nodename, "address": str(self.address) if self.address else None,
+                "address6": str(self.address6) if self.address6 else None, "ready": True,
+                "uptime_seconds": time.monotonic() - self.started, "version": __version__,
+                "reconcile": dataclasses.asdict(self.reconciler.stats), "workloads": self.reconciler.stats.workloads,
+                "datastore": {"endpoint": store.endpoint, "failovers": store.failovers,
+                              "errors": store.request_errors, "unavailable": store.unavailable},
+                "bgp": bgp is not None, "peers": bgp.status() if bgp else [],
+                "bgp_last_update": bgp.speaker.last_update_at if bgp else None,
+                "advertised": len(bgp.speaker.announced) if bgp else 0, "ipam": dict(self.ipam.stats),
+                "exabgp": {"restarts": bgp.speaker.process.restarts, "reloads": bgp.speaker.process.reloads,
+                           "reloads_unanswered": bgp.speaker.process.reloads_unanswered,
+                           "malformed": dict(bgp.speaker.rib.malformed)} if bgp else {},
+                "logs": [p for p in (os.environ.get("CALICO_LOG_FILE"),) if p]}
 
-        async def probe() -> Probe:
-            try:
-                await asyncio.wait_for(store.get(keys.IPAM_CONFIG), timeout=HEALTH_READ_TIMEOUT)
-                datastore_ok = True
-            except Exception:  # unreachable, timed out: not ready, whatever the cause
-                datastore_ok = False
-            now = time.time()
-            peers = tuple(PeerHealth(a, p.state == "up", now - max(p.since, started_wall))
-                          for a, p in bgp.speaker.peers.items()) if bgp else ()
-            return Probe(reconciled=reconciler.stats.runs > 0, datastore_ok=datastore_ok,
-                         exabgp_alive=bgp.speaker.alive if bgp else None, peers=peers,
-                         grace=float(bgp.speaker.graceful_restart) if bgp else 0.0)
+    async def probe(self) -> Probe:
+        try:
+            await asyncio.wait_for(self.store.get(keys.IPAM_CONFIG), timeout=HEALTH_READ_TIMEOUT)
+            datastore_ok = True
+        except Exception:  # unreachable, timed out: not ready, whatever the cause
+            datastore_ok = False
+        now, bgp = time.time(), self.bgp
+        peers = tuple(PeerHealth(a, p.state == "up", now - max(p.since, self.started_wall))
+                      for a, p in bgp.speaker.peers.items()) if bgp else ()
+        return Probe(reconciled=self.reconciler.stats.runs > 0, datastore_ok=datastore_ok,
+                     exabgp_alive=bgp.speaker.alive if bgp else None, peers=peers,
+                     grace=float(bgp.speaker.graceful_restart) if bgp else 0.0)
 
-        status = StatusServer(snapshot)
-        await status.start()
-        health = HealthServer(config.health_host, config.health_port, probe, metrics)
-        await health.start()
-        log.info("ready node=%s ip=%s ip6=%s etcd=%s", config.nodename, address, address6,
-                 ",".join(config.etcd.endpoints))
+
+async def run(config: Config, address: ipaddress.IPv4Interface | None, kube: Kube | None = None,
+              kube_node: KubeNode | None = None, address6: ipaddress.IPv6Interface | None = None) -> None:
+    forwarding_on(ipv6=address6 is not None or config.default_pool6 is not None)
+    async with Datastore(config.etcd) as store:
+        config = await register(store, config, address, address6, kube_node)
+        node = NodeDaemon(store, config, address, address6, kube)
+        await node.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        reconcile_task = asyncio.create_task(reconciler.run())
-        bgp_task = asyncio.create_task(bgp.run()) if bgp else None
         await stop.wait()
-        log.info("stopping")
-        await server.stop()
-        await status.stop()
-        await health.stop()
-        for task in (reconcile_task, bgp_task, keeper_task):
-            if task:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if bgp:
-            await bgp.speaker.stop()
-        netlink.close()
+        await node.stop()
 
 
 def main() -> int:

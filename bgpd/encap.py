@@ -27,6 +27,8 @@ IPIP_OVERHEAD = 20
 NEVER, ALWAYS, CROSS_SUBNET = "Never", "Always", "CrossSubnet"
 VXLAN_HANDLE = "vxlan-tunnel-addr-{node}"
 IPIP_HANDLE = "ipip-tunnel-addr-{node}"
+NAT_TABLE = "calico-py"
+NAT_FAMILIES = {4: "ip", 6: "ip6"}
 
 
 def vtep_mac(node: str) -> str:
@@ -166,3 +168,48 @@ def remote_prefixes(blocks: Iterable[Block]) -> dict[IPNetwork, str]:
                 address = block.address(ordinal)
                 held[ipaddress.ip_network(f"{address}/{address.max_prefixlen}")] = node
     return held
+
+
+@dataclass(frozen=True)
+class Vtep:
+    """What this node's VXLAN device must look like."""
+
+    local: str  # underlay address
+    address: str  # the VTEP's own address (from the node's block)
+    mac: str
+    mtu: int
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """What ``tunl0`` must look like."""
+
+    address: str  # the node's IPIP tunnel address (from its block)
+    mtu: int
+
+
+def nat_ruleset(pools: Iterable[IPPool]) -> str:
+    """The nft script that makes our tables match ``pools`` (idempotent: safe to apply again): traffic from a
+    ``natOutgoing`` pool to anywhere outside every pool is masqueraded."""
+    enabled = [p for p in pools if not p.disabled]
+    lines = []
+    for version, family in NAT_FAMILIES.items():
+        mine = [p for p in enabled if p.version == version]
+        nat = sorted(str(p.cidr) for p in mine if p.nat_outgoing)
+        # "add" then "delete": deleting a table that does not exist would fail the whole transaction.
+        lines += [f"add table {family} {NAT_TABLE}", f"delete table {family} {NAT_TABLE}"]
+        if not nat:
+            continue
+        address = "ipv4_addr" if version == 4 else "ipv6_addr"
+        every = ", ".join(sorted(str(p.cidr) for p in mine))
+        lines += [
+            f"table {family} {NAT_TABLE} {{",
+            f"  set all-pools {{ type {address}; flags interval; elements = {{ {every} }} }}",
+            f"  set nat-pools {{ type {address}; flags interval; elements = {{ {', '.join(nat)} }} }}",
+            "  chain nat-outgoing {",
+            "    type nat hook postrouting priority srcnat; policy accept;",
+            f"    {family} saddr @nat-pools {family} daddr != @all-pools masquerade fully-random",
+            "  }",
+            "}",
+        ]
+    return "\n".join(lines) + "\n"

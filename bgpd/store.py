@@ -9,15 +9,16 @@ from ipam import keys
 from ipam.datastore import Datastore, Delete, ModRevisionIs, Put
 
 
-async def register_node(store: Datastore, resource: dict[str, Any]) -> None:
+async def register_node(store: Datastore, resource: dict[str, Any]) -> int:
+    """Store this node's Node resource as given; the revision it is stored at."""
     key = keys.resource_key("nodes", resource["metadata"]["name"])
     while True:
         kv = await store.get(key)
         if kv is not None and kv.json() == resource:
-            return
+            return kv.mod_revision
         result = await store.txn([ModRevisionIs(key, kv.mod_revision if kv else 0)], [Put.json(key, resource)])
         if result.succeeded:
-            return
+            return result.revision
 
 
 async def list_weps(store: Datastore) -> list[WorkloadEndpoint]:

@@ -7,23 +7,16 @@ nowhere (the overlay then installs no IPIP routes)."""
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from bgpd.dataplane.kernel import if_index
-from bgpd.encap import IPIP_DEVICE
+from bgpd.encap import IPIP_DEVICE, Tunnel
 
 
 class IPIPUnavailable(Exception):
     """The kernel has no ipip module."""
-
-
-@dataclass(frozen=True)
-class Tunnel:
-    address: str  # the node's IPIP tunnel address (from its block)
-    mtu: int
 
 
 def link_request(tunnel: Tunnel) -> dict[str, object]:

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import socket
+import subprocess
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -44,3 +47,15 @@ def if_index(name: str) -> int | None:
         return socket.if_nametoindex(name)
     except OSError:
         return None
+
+
+def interface_mtu(address: ipaddress.IPv4Interface | None) -> int:
+    """The MTU of the interface holding the node's address (the underlay), 1500 when unknown."""
+    if address is None:
+        return 1500
+    result = subprocess.run(["ip", "-json", "-4", "addr", "show"], capture_output=True, text=True, timeout=30,
+                            check=False)
+    for link in json.loads(result.stdout or "[]") if result.returncode == 0 else []:
+        if any(a.get("local") == str(address.ip) for a in link.get("addr_info") or []):
+            return int(link.get("mtu") or 1500)
+    return 1500

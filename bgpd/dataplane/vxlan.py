@@ -9,26 +9,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from bgpd.dataplane.kernel import IFF_UP, if_index
-from bgpd.encap import VXLAN_DEVICE, VXLAN_PORT, VXLAN_VNI, EncapState, Forwarding, Neighbor
+from bgpd.encap import VXLAN_DEVICE, VXLAN_PORT, VXLAN_VNI, EncapState, Forwarding, Neighbor, Vtep
 
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
-
-
-@dataclass(frozen=True)
-class Vtep:
-    """What this node's VXLAN device must look like."""
-
-    local: str  # underlay address
-    address: str  # the VTEP's own address (from the node's block)
-    mac: str
-    mtu: int
 
 
 def _json(argv: list[str]) -> list[dict]:

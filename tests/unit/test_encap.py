@@ -5,8 +5,9 @@ from __future__ import annotations
 import ipaddress
 
 from bgpd import encap
-from bgpd.dataplane import ipip, nat
+from bgpd.dataplane import ipip
 from bgpd.desired import RouteSpec
+from bgpd.encap import Tunnel, nat_ruleset
 from ipam.model import AllocationAttribute, Block, IPPool
 
 ME = encap.TunnelNode("node1", ipaddress.IPv4Interface("10.0.10.11/24"), ipaddress.IPv4Address("10.244.1.0"),
@@ -74,16 +75,16 @@ def test_ipip_applies_to_learned_routes_of_ipip_pools_and_encap_wins_over_bgp() 
     bgp = {RouteSpec("10.244.3.0/26", device="eth1", gateway="10.0.20.13"),
            RouteSpec("10.244.4.0/26", device="eth1", gateway="10.0.10.14")}
     assert encap.merge_routes({vx}, bgp) == {vx, RouteSpec("10.244.4.0/26", device="eth1", gateway="10.0.10.14")}
-    assert ipip.link_request(ipip.Tunnel("10.244.1.1", 1480)) == {"ifname": "tunl0", "mtu": 1480, "state": "up"}
+    assert ipip.link_request(Tunnel("10.244.1.1", 1480)) == {"ifname": "tunl0", "mtu": 1480, "state": "up"}
 
 
 def test_nat_masquerades_from_nat_pools_to_outside_every_pool_only() -> None:
-    script = nat.render([pool(nat_outgoing=True), pool(cidr="10.245.0.0/16"),
+    script = nat_ruleset([pool(nat_outgoing=True), pool(cidr="10.245.0.0/16"),
                          pool(nat_outgoing=True, cidr="fd00:10::/48")])
     assert "add table ip calico-py\ndelete table ip calico-py\n" in script  # atomic replace, even when absent
     assert "elements = { 10.244.0.0/16, 10.245.0.0/16 }" in script  # between pools: no NAT
     assert "set nat-pools { type ipv4_addr; flags interval; elements = { 10.244.0.0/16 } }" in script
     assert "ip saddr @nat-pools ip daddr != @all-pools masquerade" in script
     assert "ip6 saddr @nat-pools ip6 daddr != @all-pools masquerade" in script
-    off = nat.render([pool()])
+    off = nat_ruleset([pool()])
     assert "masquerade" not in off and "delete table ip calico-py" in off  # NAT off: our table goes

@@ -1,10 +1,10 @@
 """Removing a node that is gone for good: its addresses, its block affinities, its Node resource.
 
-Each step is one etcd transaction per key group guarded by mod_revision, like the rest of IPAM: addresses are
-released block by block through :meth:`IPAM.release_ips` (at the allocation sequence numbers seen, so an address
-handed to someone else meanwhile stays), then each affine block is, in one transaction with its affinity,
-deleted when empty or made affinity-less when other nodes still borrow from it. Freed blocks are claimed by the
-next node that needs one.
+Each step is one etcd transaction per key group guarded by mod_revision, committed through the client's
+:class:`ipam.cas.CasWriter` like the rest of IPAM: addresses are released block by block through
+:meth:`IPAM.release_ips` (at the allocation sequence numbers seen, so an address handed to someone else meanwhile
+stays), then each affine block is, in one transaction with its affinity, deleted when empty or made affinity-less
+when other nodes still borrow from it. Freed blocks are claimed by the next node that needs one.
 """
 
 from __future__ import annotations
@@ -76,16 +76,12 @@ async def remove_node(ipam: IPAM, node: str) -> NodeRemoval:
     async def delete_node_resource() -> None:
         kv = await store.get(node_key)
         if kv is not None:
-            await ipam._cas([ModRevisionIs(node_key, kv.mod_revision)], [Delete(node_key)],
-                            landed=lambda: _gone(ipam, node_key))
+            await ipam.cas.commit([ModRevisionIs(node_key, kv.mod_revision)], [Delete(node_key)],
+                                  landed=lambda: ipam.cas.gone(node_key))
             result.node_resource_deleted = True
 
-    await ipam._retry(delete_node_resource)
+    await ipam.cas.retry(delete_node_resource)
     return result
-
-
-async def _gone(ipam: IPAM, key: str) -> bool:
-    return await ipam.store.get(key) is None
 
 
 async def _free_block(ipam: IPAM, node: str, cidr: IPNetwork, result: NodeRemoval) -> None:
@@ -105,8 +101,8 @@ async def _free_block(ipam: IPAM, node: str, cidr: IPNetwork, result: NodeRemova
         if block is not None and block.host == node:
             operations.append(Delete(block_key) if block.is_empty
                               else Put.json(block_key, blocks.with_affinity(block, None).to_json()))
-        await ipam._cas(conditions, operations, landed=lambda: _gone(ipam, affinity_key))
+        await ipam.cas.commit(conditions, operations, landed=lambda: ipam.cas.gone(affinity_key))
         if block is not None and block.host == node:
             (result.blocks_deleted if block.is_empty else result.blocks_unaffined).append(cidr)
 
-    await ipam._retry(step)
+    await ipam.cas.retry(step)

@@ -1,4 +1,4 @@
-"""Fixtures for tests that need a real etcd (see tests/etcdserver.py). Standard library and pytest only."""
+"""Fixtures for tests that need a real etcd (see tests/etcdserver.py); the lab fixtures come from tests/lab/."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.etcdserver import EtcdCluster, etcd_available, wipe_all_keys
+
+pytest_plugins = ["tests.lab.plugin"]
 
 ETCD_MISSING = "etcd-server not installed: run `make test`, which installs it"
 

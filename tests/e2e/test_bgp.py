@@ -3,68 +3,57 @@
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.e2e.test_cni import CONF, Pods, Runtime, cni_bin_dir, pod_ping
-from tests.labfixture import LabHandle
+from tests.lab.bgp import (
+    CLI,
+    MESH3_ETCD,
+    MESH3_NODES,
+    apply_resources,
+    delete_resources,
+    mesh3,
+    peer_rows,
+    place_pods,
+    remove_pods,
+    sessions,
+    wait_mesh,
+)
+from tests.lab.cni import CONF, Pods
+from tests.lab.handle import TOPOLOGIES, Deployer, LabHandle
+from tests.lab.traffic import pod_ping
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="lab tests need root (network namespaces)")
-CLI = str(Path(sys.executable).parent / "calicoctl-py")
-NODES = ("node1", "node2", "node3")
+NODES = MESH3_NODES
 
 
-def place_pods(handle: LabHandle, pods: Pods, tmp_path: Path, nodes: tuple[str, ...], tag: str,
-               config: dict[str, Any] | None = None) -> dict[str, tuple[str, str]]:
-    """One pod per node through the CNI shim installed as a runtime has it; node -> (pod netns, address)."""
-    bin_dir = tmp_path / "cni-bin"
-    if not bin_dir.exists():
-        cni_bin_dir(bin_dir)
-    placed = {}
-    for node in nodes:
-        ns = pods.new(f"{tag}-{node}")
-        added = Runtime(handle, bin_dir, node).call("ADD", config or CONF, f"{tag}{node}", ns, pod=f"{tag}-{node}")
-        assert added.rc == 0, added
-        placed[node] = (ns, added.json["ips"][0]["address"].split("/")[0])
-    return placed
+@pytest.fixture(scope="module")
+def mesh(module_lab: Deployer) -> LabHandle:
+    """One mesh3 for the tests that leave it as they found it: pods deleted, resources they applied removed, the
+    mesh Established again."""
+    return mesh3(module_lab)
 
 
-@pytest.fixture
-def mesh3(lab: Callable[..., LabHandle]) -> LabHandle:
-    handle = lab("mesh3.clab.yml")
-    for node in NODES:
-        handle.wait_for(lambda node=node: len(sessions(handle, node)) == 2, timeout=60,
-                        what=f"{node} to have Established sessions to both other nodes")
-    return handle
-
-
-def test_mesh3_pods_on_every_node_reach_each_other_over_bgp(mesh3: LabHandle, pods: Pods, tmp_path: Path) -> None:
-    placed = place_pods(mesh3, pods, tmp_path, NODES, "bgp")
+def test_mesh3_pods_on_every_node_reach_each_other_over_bgp(mesh: LabHandle, pods: Pods, tmp_path: Path) -> None:
+    placed = place_pods(mesh, pods, tmp_path, NODES, "bgp")
     namespaces = {node: ns for node, (ns, _) in placed.items()}
     addresses = {node: address for node, (_, address) in placed.items()}
     for node in NODES:
         for other in NODES:
             if other != node:
                 # The other node's block arrives over BGP and lands in this node's kernel with our protocol.
-                mesh3.wait_for(lambda n=node, o=other: "via" in mesh3.exec(
+                mesh.wait_for(lambda n=node, o=other: "via" in mesh.exec(
                     n, "ip", "route", "show", "proto", "80", "match", addresses[o]).stdout, timeout=30,
                     what=f"{node} to learn the block of {other}")
                 assert pod_ping(namespaces[node], addresses[other]), f"pod on {node} cannot reach pod on {other}"
-    for node in NODES:
-        deleted = Runtime(mesh3, tmp_path / "cni-bin", node).delete(f"bgp{node}", namespaces[node], pod=f"bgp-{node}")
-        assert deleted.rc == 0, deleted
+    remove_pods(mesh, tmp_path, placed, "bgp")
 
 
-def test_leafspine_nodes_peer_with_their_leaf_and_pods_reach_across_racks(lab: Callable[..., LabHandle],
+def test_leafspine_nodes_peer_with_their_leaf_and_pods_reach_across_racks(lab: Deployer,
                                                                           pods: Pods, tmp_path: Path) -> None:
     handle = lab("leafspine.clab.yml")
-    bgp = (Path(__file__).resolve().parents[2] / "containerlab" / "topologies" / "leafspine" / "calico-bgp.yaml")
-    applied = handle.exec("node1", "env", "ETCD_ENDPOINTS=http://172.20.23.2:2379", CLI, "apply", "-f", str(bgp))
-    assert applied.returncode == 0, applied.stderr
+    apply_resources(handle, "172.20.23.2", TOPOLOGIES / "leafspine" / "calico-bgp.yaml")
     for node in ("node1", "node2", "node3", "node4"):
         handle.wait_for(lambda node=node: " global " in handle.exec(node, CLI, "node", "status").stdout
                         and handle.exec(node, CLI, "node", "status").stdout.count("Established") == 1,
@@ -80,24 +69,13 @@ def test_leafspine_nodes_peer_with_their_leaf_and_pods_reach_across_racks(lab: C
             assert destination.startswith(("10.244.", "10.1.", "10.255.")), line
 
 
-def apply_resources(handle: LabHandle, etcd: str, path: Path) -> None:
-    applied = handle.exec("node1", "env", f"ETCD_ENDPOINTS=http://{etcd}:2379", CLI, "apply", "-f", str(path))
-    assert applied.returncode == 0, applied.stderr
-
-
-def sessions(handle: LabHandle, node: str) -> list[str]:
-    return [line.split()[0] for line in handle.exec(node, CLI, "node", "status").stdout.splitlines()
-            if line[:1].isdigit() and line.rstrip().endswith("Established")]
-
-
 @pytest.mark.parametrize("topology", ["rr.clab.yml", "rr-bird.clab.yml"])
-def test_clients_peer_only_with_the_reflectors_and_reach_every_pod(lab: Callable[..., LabHandle], pods: Pods,
+def test_clients_peer_only_with_the_reflectors_and_reach_every_pod(lab: Deployer, pods: Pods,
                                                                   tmp_path: Path, topology: str) -> None:
     handle = lab(topology)
     name = topology.removesuffix(".clab.yml")
     etcd = str(handle.topology.mgmt_addresses()["etcd"].ip)
-    apply_resources(handle, etcd, Path(__file__).resolve().parents[2] / "containerlab" / "topologies" / name
-                    / "calico-bgp.yaml")
+    apply_resources(handle, etcd, TOPOLOGIES / name / "calico-bgp.yaml")
     reflectors = {"10.0.1.1", "10.0.1.2"}
     clients = ("node1", "node2", "node3", "node4")
     for node in clients:
@@ -113,79 +91,79 @@ def test_clients_peer_only_with_the_reflectors_and_reach_every_pod(lab: Callable
     assert "via 10.0.1.14" in route, route
 
 
-def peer_rows(handle: LabHandle, node: str) -> dict[str, list[str]]:
-    return {line.split()[0]: line.split() for line in handle.exec(node, CLI, "node", "status").stdout.splitlines()
-            if line[:1].isdigit()}
-
-
-def test_a_new_peer_does_not_drop_the_sessions_that_did_not_change(mesh3: LabHandle, tmp_path: Path) -> None:
-    before = peer_rows(mesh3, "node1")
+def test_a_new_peer_does_not_drop_the_sessions_that_did_not_change(mesh: LabHandle, tmp_path: Path) -> None:
+    before = peer_rows(mesh, "node1")
     assert set(before) == {"10.0.0.12", "10.0.0.13"}
-    log_file = mesh3.lab.run_dir / "node1" / "calico-py-node.log"
+    log_file = mesh.lab.run_dir / "node1" / "calico-py-node.log"
     offset = len(log_file.read_text())
     extra = tmp_path / "peer.yaml"
     extra.write_text("apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {name: somewhere}\n"
                      "spec: {node: node1, peerIP: 10.0.0.99, asNumber: 65099}\n")
-    apply_resources(mesh3, "172.20.20.2", extra)
-    mesh3.wait_for(lambda: "10.0.0.99" in peer_rows(mesh3, "node1"), timeout=30, what="node1 to list the new peer")
-    after = peer_rows(mesh3, "node1")
+    apply_resources(mesh, MESH3_ETCD, extra)
+    mesh.wait_for(lambda: "10.0.0.99" in peer_rows(mesh, "node1"), timeout=30, what="node1 to list the new peer")
+    after = peer_rows(mesh, "node1")
     assert after["10.0.0.99"][1:3] == ["node", "specific"]
     for address in ("10.0.0.12", "10.0.0.13"):
         assert after[address] == before[address], f"the session to {address} was reset: {after[address]}"
     log = log_file.read_text()[offset:]  # only what happened after the change
     assert "exabgp reloads its configuration" in log
     assert "bgp peer 10.0.0.12 down" not in log and "bgp peer 10.0.0.13 down" not in log
+    delete_resources(mesh, MESH3_ETCD, extra)  # the module's other tests count node1's peers
+    mesh.wait_for(lambda: set(peer_rows(mesh, "node1")) == set(before), 30, "node1 to drop the new peer")
 
 
-def test_md5_wrong_password_never_establishes_and_status_says_why(mesh3: LabHandle, tmp_path: Path) -> None:
+def test_md5_wrong_password_never_establishes_and_status_says_why(lab: Deployer, tmp_path: Path) -> None:
+    mesh = mesh3(lab)  # its own: the session to node3 stays down
     for node, password in (("node1", "s3cret"), ("node2", "s3cret"), ("node3", "wrong")):
-        secret = mesh3.lab.run_dir / node / "secrets" / "bgp-mesh" / "password"
+        secret = mesh.lab.run_dir / node / "secrets" / "bgp-mesh" / "password"
         secret.parent.mkdir(parents=True, exist_ok=True)
         secret.write_text(password + "\n")
     config = tmp_path / "mesh-password.yaml"
     config.write_text("apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata: {name: default}\n"
                       "spec: {nodeMeshPassword: {secretKeyRef: {name: bgp-mesh, key: password}}}\n")
-    apply_resources(mesh3, "172.20.20.2", config)
+    apply_resources(mesh, MESH3_ETCD, config)
     # node1 and node2 agree on the password: their session comes back with TCP-MD5 on.
-    mesh3.wait_for(lambda: "md5-password" in (mesh3.lab.run_dir / "node1" / "exabgp.conf").read_text(), 30,
-                   "node1's ExaBGP configuration to carry the password")
-    mesh3.wait_for(lambda: "10.0.0.12" in sessions(mesh3, "node1"), 60, "node1-node2 to re-establish with MD5")
-    status = mesh3.exec("node1", CLI, "node", "status").stdout
+    mesh.wait_for(lambda: "md5-password" in (mesh.lab.run_dir / "node1" / "exabgp.conf").read_text(), 30,
+                  "node1's ExaBGP configuration to carry the password")
+    mesh.wait_for(lambda: "10.0.0.12" in sessions(mesh, "node1"), 60, "node1-node2 to re-establish with MD5")
+    status = mesh.exec("node1", CLI, "node", "status").stdout
     row = next(line for line in status.splitlines() if line.startswith("10.0.0.13"))
     assert "Established" not in row and "TCP-MD5 on" in row, row
-    assert "10.0.0.13" not in sessions(mesh3, "node1")
+    assert "10.0.0.13" not in sessions(mesh, "node1")
 
 
-def test_peers_added_by_a_reload_get_our_routes(mesh3: LabHandle, pods: Pods, tmp_path: Path) -> None:
-    placed = place_pods(mesh3, pods, tmp_path, ("node1", "node3"), "rl")
+def test_peers_added_by_a_reload_get_our_routes(mesh: LabHandle, pods: Pods, tmp_path: Path) -> None:
+    placed = place_pods(mesh, pods, tmp_path, ("node1", "node3"), "rl")
     assert pod_ping(placed["node1"][0], placed["node3"][1], timeout=30)
     config = tmp_path / "mesh.yaml"
     for enabled in ("false", "true"):  # mesh off: every peer goes; mesh on: they come back through a reload
         config.write_text("apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata: {name: default}\n"
                           f"spec: {{nodeToNodeMeshEnabled: {enabled}}}\n")
-        apply_resources(mesh3, "172.20.20.2", config)
+        apply_resources(mesh, MESH3_ETCD, config)
         want = 2 if enabled == "true" else 0
         for node in NODES:
-            mesh3.wait_for(lambda node=node, want=want: len(peer_rows(mesh3, node)) == want, 30,
-                           f"{node} to have {want} peers")
-    for node in NODES:
-        mesh3.wait_for(lambda node=node: len(sessions(mesh3, node)) == 2, 60, f"{node}'s sessions to come back")
+            mesh.wait_for(lambda node=node, want=want: len(peer_rows(mesh, node)) == want, 30,
+                          f"{node} to have {want} peers")
+    wait_mesh(mesh)
     assert pod_ping(placed["node1"][0], placed["node3"][1], timeout=30), "routes were not re-announced"
     assert pod_ping(placed["node3"][0], placed["node1"][1], timeout=30)
+    remove_pods(mesh, tmp_path, placed, "rl")
 
 
-def test_a_borrowed_address_is_announced_as_a_host_route(mesh3: LabHandle, pods: Pods, tmp_path: Path) -> None:
+def test_a_borrowed_address_is_announced_as_a_host_route(mesh: LabHandle, pods: Pods, tmp_path: Path) -> None:
     pool = tmp_path / "tiny.yaml"
     pool.write_text("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: tiny}\n"
                     "spec: {cidr: 10.99.0.0/26, blockSize: 26}\n")  # a single block: the second node must borrow
-    apply_resources(mesh3, "172.20.20.2", pool)
+    apply_resources(mesh, MESH3_ETCD, pool)
     config = {**CONF, "ipam": {"type": "calico-py-ipam", "ipv4_pools": ["tiny"]}}
-    placed = place_pods(mesh3, pods, tmp_path, ("node1", "node2"), "borrow", config)
+    placed = place_pods(mesh, pods, tmp_path, ("node1", "node2"), "borrow", config)
     borrowed = placed["node2"][1]
     # node1 owns the block (its blackhole stays) but the borrower's /32 is more specific, on every node.
     for node in ("node1", "node3"):
-        mesh3.wait_for(lambda node=node: f"{borrowed} via 10.0.0.12" in mesh3.exec(
+        mesh.wait_for(lambda node=node: f"{borrowed} via 10.0.0.12" in mesh.exec(
             node, "ip", "route", "show", "proto", "80").stdout, 30, f"{node} to route {borrowed} to node2")
-    assert "blackhole 10.99.0.0/26" in mesh3.exec("node1", "ip", "route", "show", "proto", "80").stdout
+    assert "blackhole 10.99.0.0/26" in mesh.exec("node1", "ip", "route", "show", "proto", "80").stdout
     assert pod_ping(placed["node1"][0], borrowed, timeout=30)
     assert pod_ping(placed["node2"][0], placed["node1"][1], timeout=30)
+    remove_pods(mesh, tmp_path, placed, "borrow", config)
+    delete_resources(mesh, MESH3_ETCD, pool)  # the module's other pods come from the default pool again

@@ -10,15 +10,15 @@ import ipaddress
 import itertools
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.test_bgp import CLI, apply_resources
-from tests.e2e.test_cni import CONF, Pods, Runtime, cni_bin_dir, in_ns
-from tests.labfixture import LabHandle
+from tests.lab.bgp import CLI, apply_resources
+from tests.lab.cni import CONF, Pods, Runtime, cni_bin_dir
+from tests.lab.handle import Deployer, LabHandle
+from tests.lab.traffic import pod_ping
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="lab tests need root (network namespaces)")
 DATA = Path(__file__).parent / "data"
@@ -53,21 +53,11 @@ def route6(handle: LabHandle, node: str, address: str) -> dict[str, Any]:
     return routes[0] if routes else {}
 
 
-def ping(ns: str, version: int, target: str, timeout: float = 20.0) -> bool:
-    """True once one echo over that IP version comes back from ``target``, polling until ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if in_ns(ns, "ping", f"-{version}", "-n", "-c1", "-W1", target).returncode == 0:
-            return True
-        if time.monotonic() > deadline:
-            return False
-
-
 def birdc(handle: LabHandle, *command: str) -> str:
     return handle.exec("bird6", "birdc", "-s", str(handle.lab.run_dir / "bird6" / "bird.ctl"), *command).stdout
 
 
-def test_dual_stack_mesh_routes_and_pings_over_ipv6_and_ipv4(lab: Any, pods: Pods, tmp_path: Path) -> None:
+def test_dual_stack_mesh_routes_and_pings_over_ipv6_and_ipv4(lab: Deployer, pods: Pods, tmp_path: Path) -> None:
     handle: LabHandle = lab(DATA / "mesh3-dual.clab.yml")
     apply_resources(handle, str(handle.topology.mgmt_addresses()["etcd"].ip), DATA / "dual" / "calico-bgp.yaml")
     for node in NODES:
@@ -99,8 +89,9 @@ def test_dual_stack_mesh_routes_and_pings_over_ipv6_and_ipv4(lab: Any, pods: Pod
             route = route6(handle, node, placed[other][2])
             assert route["dev"] == "eth1" and ipaddress.ip_network(route["dst"]).prefixlen == 122, route
             ns = placed[node][0]
-            assert ping(ns, 6, placed[other][2]), f"pod on {node} cannot reach {placed[other][2]} on {other}"
-            assert ping(ns, 4, placed[other][1]), f"pod on {node} cannot reach {placed[other][1]} on {other}"
+            assert pod_ping(ns, placed[other][2], 20, version=6), \
+                f"pod on {node} cannot reach {placed[other][2]} on {other}"
+            assert pod_ping(ns, placed[other][1], 20), f"pod on {node} cannot reach {placed[other][1]} on {other}"
         # Its own IPv6 block is blackholed here (addresses no pod holds go nowhere else).
         blackholes = handle.exec(node, "ip", "-6", "route", "show", "proto", "80", "type", "blackhole").stdout
         assert route6_block(placed[node][2]) in blackholes, blackholes

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_bgp import apply_resources, place_pods, sessions
-from tests.e2e.test_cni import Pods
-from tests.labfixture import LabHandle
+from tests.lab.bgp import apply_resources, place_pods, sessions
+from tests.lab.cni import Pods
+from tests.lab.handle import Deployer, LabHandle
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="lab tests need root (network namespaces)")
 DATA = Path(__file__).parent / "data"
@@ -21,9 +20,10 @@ TORS = ("10.0.6.1", "10.0.6.2")
 BIRD_CLIENT = "10.0.6.30"
 
 
-@pytest.fixture
-def tor(lab: Callable[..., LabHandle]) -> LabHandle:
-    handle = lab(DATA / "tor.clab.yml")
+@pytest.fixture(scope="module")
+def tor(module_lab: Deployer) -> LabHandle:
+    """One lab for both tests: they only read it (the reflector test's pod is its own)."""
+    handle = module_lab(DATA / "tor.clab.yml")
     apply_resources(handle, str(handle.topology.mgmt_addresses()["etcd"].ip), DATA / "tor" / "calico-bgp.yaml")
     expected = {"node1": {"10.0.6.12", BIRD_CLIENT, *TORS}, "node2": {"10.0.6.11", *TORS}}
     for node, peers in expected.items():

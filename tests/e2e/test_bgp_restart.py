@@ -5,66 +5,40 @@ without graceful restart (no End-of-RIB) is not waited for."""
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from containerlab import netns
-from tests.e2e.test_bgp import apply_resources, place_pods, sessions
-from tests.e2e.test_cni import Pods, pod_ping
-from tests.labfixture import LabHandle
+from tests.lab.bgp import apply_resources, has_route, mesh_with, place_pods, sessions
+from tests.lab.cni import Pods
+from tests.lab.daemon import daemon_process
+from tests.lab.handle import Deployer, LabHandle
+from tests.lab.traffic import Pinger, pod_ping
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="lab tests need root (network namespaces)")
-NODES = ("node1", "node2", "node3")
 DATA = Path(__file__).parent / "data"
 
 
-def mesh_with(lab: Callable[..., LabHandle], tmp_path: Path, restart_time: str) -> LabHandle:
-    handle = lab("mesh3.clab.yml")
-    config = tmp_path / "bgp.yaml"
-    config.write_text("apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata: {name: default}\n"
-                      f"spec: {{nodeMeshMaxRestartTime: {restart_time}}}\n")
-    handle.wait_for(lambda: "ready" in (handle.lab.run_dir / "node1" / "calico-py-node.log").read_text()
-                    if (handle.lab.run_dir / "node1" / "calico-py-node.log").exists() else False, 60, "node1 ready")
-    apply_resources(handle, "172.20.20.2", config)
-    for node in NODES:
-        handle.wait_for(lambda node=node: len(sessions(handle, node)) == 2, timeout=60,
-                        what=f"{node} to have both mesh sessions Established")
-    return handle
-
-
-def has_route(handle: LabHandle, node: str, address: str) -> bool:
-    return "via" in handle.exec(node, "ip", "route", "show", "proto", "80", "match", address).stdout
-
-
-def test_daemon_restart_with_graceful_restart_loses_nothing(lab: Callable[..., LabHandle], pods: Pods,
+def test_daemon_restart_with_graceful_restart_loses_nothing(lab: Deployer, pods: Pods,
                                                             tmp_path: Path) -> None:
     handle = mesh_with(lab, tmp_path, "30s")
     placed = place_pods(handle, pods, tmp_path, ("node1", "node3"), "gr")
     assert pod_ping(placed["node1"][0], placed["node3"][1], timeout=30)
-    pinger = subprocess.Popen(["ip", "netns", "exec", placed["node1"][0], "ping", "-i", "0.05", placed["node3"][1]],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        daemon = next(p for p in handle.lab._load_processes() if p.node == "node3" and p.daemon == "calico-py-node")
+    with Pinger(placed["node1"][0], placed["node3"][1]) as pinger:
+        daemon = daemon_process(handle, "node3")
         os.kill(daemon.pid, signal.SIGKILL)
         handle.wait_for(lambda: not daemon.alive(), 10, "node3's daemon to die")
         handle.lab.deploy()  # restarts it; it replaces the ExaBGP the dead daemon left
         handle.wait_for(lambda: len(sessions(handle, "node3")) == 2, 60, "node3's sessions to come back")
         time.sleep(1)  # let the ping run on a moment after recovery (a measurement window, not synchronisation)
-    finally:
-        pinger.send_signal(signal.SIGINT)
-        output = pinger.communicate(timeout=10)[0]
-    sent, received = map(int, re.search(r"(\d+) packets transmitted, (\d+) received", output).groups())
-    assert sent > 40 and received >= sent - 1, output.splitlines()[-3:]
+    assert pinger.sent > 40 and pinger.lost <= 1, pinger.summary()
 
 
 @pytest.mark.parametrize(("restart_time", "kept"), [("8s", True), ("0s", False)])
-def test_a_dead_nodes_routes_go_after_the_restart_time(lab: Callable[..., LabHandle], pods: Pods, tmp_path: Path,
+def test_a_dead_nodes_routes_go_after_the_restart_time(lab: Deployer, pods: Pods, tmp_path: Path,
                                                         restart_time: str, kept: bool) -> None:
     handle = mesh_with(lab, tmp_path, restart_time)
     placed = place_pods(handle, pods, tmp_path, ("node3",), "gr")
@@ -103,7 +77,7 @@ def routed(handle: LabHandle, node: str, prefix: str) -> bool:
 
 
 def test_a_withdrawal_leaves_the_kernel_at_once_while_a_peer_sends_no_end_of_rib(
-        lab: Callable[..., LabHandle]) -> None:
+        lab: Deployer) -> None:
     """FRR (graceful restart: sends End-of-RIB) and GoBGP (no graceful restart, no End-of-RIB) peer with both
     nodes, inside the restart window (120 s by default) after the daemons start. A route FRR withdraws leaves
     every kernel at once; after a daemon restart, a route withdrawn while the daemon was down is kept only until
@@ -127,7 +101,7 @@ def test_a_withdrawal_leaves_the_kernel_at_once_while_a_peer_sends_no_end_of_rib
 
     # node1's daemon dies (its ExaBGP lives on, no longer heard): FRR's next withdrawal stays in node1's kernel
     # until the restarted daemon has FRR's End-of-RIB.
-    daemon = next(p for p in handle.lab._load_processes() if p.node == "node1" and p.daemon == "calico-py-node")
+    daemon = daemon_process(handle, "node1")
     os.kill(daemon.pid, signal.SIGKILL)
     handle.wait_for(lambda: not daemon.alive(), 10, "node1's daemon to die")
     frr_withdraws(handle, FRR_WITHDRAWN_WHILE_DOWN)

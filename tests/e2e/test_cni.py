@@ -10,7 +10,6 @@ answers only on the lab's management network).
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import ipaddress
 import json
 import os
@@ -20,46 +19,36 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bgpd.cni.install import Kind, install
-from containerlab.netns import Process
-from tests.labfixture import LabHandle
+from tests.lab.cni import (
+    CONF,
+    NETWORK,
+    NODE,
+    POOL,
+    PORTMAP,
+    Pods,
+    Runtime,
+    assert_nothing_left,
+    cali_links,
+    cni_bin_dir,
+    host_routes,
+    in_ns,
+    ip_json,
+    ipam_state,
+)
+from tests.lab.daemon import restart_daemon, route_log, stop_daemon, wait_ready
+from tests.lab.handle import Deployer, LabHandle
+from tests.lab.traffic import pod_ping
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="lab tests need root (network namespaces)"),
               pytest.mark.slow]
 
-PORTMAP = Path("/usr/lib/cni/portmap")
-NODE = "node1"
-NETWORK = "k8s-pod-network"
-CONF: dict[str, Any] = {"cniVersion": "1.0.0", "name": NETWORK, "type": "calico-py",
-                        "ipam": {"type": "calico-py-ipam"}}
-ETCD = "http://172.20.20.2:2379"
 HOST_MAC = "ee:ee:ee:ee:ee:ee"
 GATEWAY = "169.254.1.1"
-POOL = ipaddress.ip_network("10.244.0.0/16")
-PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-DAEMON = "calico-py-node"
-
-# Run inside a node: one snapshot of IPAM (the consistency check), the handles and the workload endpoints.
-IPAM_STATE = """
-import asyncio, json
-from ipam import check, keys
-from ipam.datastore import Datastore, EtcdConfig
-
-async def main():
-    async with Datastore(EtcdConfig.from_env()) as store:
-        state = await check.load_state(store)
-        weps = [kv.key for kv in await store.get_prefix(keys.resource_prefix("workloadendpoints"))]
-    print(json.dumps({"report": check.check(state).to_json(), "handles": sorted(state.handles), "weps": weps}))
-
-asyncio.run(main())
-"""
 
 # A one-line TCP server for the port-mapping test: answers every connection with a greeting.
 GREETER = """
@@ -78,223 +67,22 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2) as c:
 """
 
 
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-def deadline_poll(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def run(argv: list[str], timeout: float = 30.0, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, **kwargs)
-
-
-def in_ns(ns: str, *argv: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    return run(["ip", "netns", "exec", ns, *argv], timeout=timeout)
-
-
-def ip_json(handle: LabHandle, *argv: str) -> Any:
-    result = handle.exec(NODE, "ip", "-j", *argv)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout or "[]")
-
-
-def cali_links(handle: LabHandle) -> set[str]:
-    return {link["ifname"] for link in ip_json(handle, "link", "show") if link["ifname"].startswith("cali")}
-
-
-def host_routes(handle: LabHandle) -> dict[str, str]:
-    """The node's proto-80 routes to single addresses (pods), destination -> device. Blackholes excluded."""
-    return {r["dst"]: r.get("dev", "") for r in ip_json(handle, "route", "show", "proto", "80")
-            if r.get("type") != "blackhole" and "/" not in r["dst"]}
-
-
-def ipam_state(handle: LabHandle) -> dict[str, Any]:
-    result = run(["ip", "netns", "exec", handle.netns(NODE), sys.executable, "-c", IPAM_STATE], timeout=60,
-                 env={"PATH": PATH, "ETCD_ENDPOINTS": ETCD})
-    assert result.returncode == 0, f"ipam state snippet failed: {result.stderr}"
-    return json.loads(result.stdout)  # type: ignore[no-any-return]
-
-
-def daemon_process(handle: LabHandle, node: str = NODE) -> Process:
-    found = [p for p in handle.lab._load_processes() if p.node == node and p.daemon == DAEMON]
-    assert found, f"no {DAEMON} recorded for {node} in {handle.lab.state_file}"
-    return found[-1]
-
-
-def daemon_log(handle: LabHandle, node: str = NODE) -> str:
-    log = handle.lab.run_dir / node / f"{DAEMON}.log"
-    return log.read_text(errors="replace") if log.exists() else ""
-
-
-def ready_count(handle: LabHandle, node: str = NODE) -> int:
-    return daemon_log(handle, node).count(f"INFO {DAEMON} ready ")
-
-
-def route_log(handle: LabHandle) -> str:
-    """The daemon's own account of its route changes, for failure messages."""
-    return "\n".join(line for line in daemon_log(handle).splitlines() if " route " in line)
-
-
-def stop_daemon(handle: LabHandle, sig: signal.Signals) -> None:
-    """Signal node1's daemon by the PID the lab recorded (checked against its start time) and wait for it."""
-    process = daemon_process(handle)
-    assert process.alive(), f"{DAEMON} on {NODE} is not running before the test stops it"
-    os.kill(process.pid, sig)
-    deadline_poll(lambda: not process.alive(), 10, f"{DAEMON} (pid {process.pid}) to exit")
-    with contextlib.suppress(ChildProcessError):  # the lab started it from this process: reap the zombie
-        os.waitpid(process.pid, os.WNOHANG)
-
-
-def restart_daemon(handle: LabHandle) -> None:
-    before = ready_count(handle)
-    report = handle.lab.deploy()
-    assert f"{NODE}/{DAEMON}" in report.started, report
-    deadline_poll(lambda: ready_count(handle) > before, 30, f"the restarted {DAEMON} to log 'ready'")
-
-
-def pod_ping(ns: str, target: str, timeout: float = 10.0) -> bool:
-    """True once one echo from the pod namespace ``ns`` to ``target`` comes back, polling until ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if in_ns(ns, "ping", "-n", "-c1", "-W1", target).returncode == 0:
-            return True
-        if time.monotonic() > deadline:
-            return False
-
-
 def link_stats(handle: LabHandle, name: str) -> dict[str, Any]:
     return ip_json(handle, "-s", "link", "show", "dev", name)[0]["stats64"]  # type: ignore[no-any-return]
 
 
-# ---------------------------------------------------------------------------------------------- the runtime
-
-
-@dataclass
-class Call:
-    argv: list[str]
-    rc: int
-    stdout: str
-    stderr: str
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-    def __str__(self) -> str:
-        return f"{self.argv[-1]} exit {self.rc}\nstdout: {self.stdout}\nstderr: {self.stderr}"
-
-
-class Runtime:
-    """Calls CNI plugins as a container runtime does: found on CNI_PATH by ``type``, run in the node's network
-    namespace with the CNI_* environment, the configuration on stdin."""
-
-    def __init__(self, handle: LabHandle, bin_dir: Path, node: str = NODE) -> None:
-        self.handle = handle
-        self.bin_dir = bin_dir
-        self.node = node
-
-    def call(self, command: str, config: dict[str, Any], container_id: str, netns: str | None, *,
-             pod: str = "", namespace: str = "cnitest", ifname: str = "eth0", stdin: str | None = None,
-             timeout: float = 120.0) -> Call:
-        env = {"PATH": PATH, "CNI_COMMAND": command, "CNI_CONTAINERID": container_id, "CNI_IFNAME": ifname,
-               "CNI_PATH": str(self.bin_dir)}
-        if netns is not None:
-            env["CNI_NETNS"] = netns if netns.startswith("/") else f"/run/netns/{netns}"
-        if pod:
-            env["CNI_ARGS"] = f"K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod}"
-        argv = ["ip", "netns", "exec", self.handle.netns(self.node), str(self.bin_dir / config["type"])]
-        result = run(argv, timeout=timeout, env=env, input=json.dumps(config) if stdin is None else stdin)
-        return Call(argv, result.returncode, result.stdout, result.stderr)
-
-    def add(self, container_id: str, netns: str, pod: str = "", **kw: Any) -> Call:
-        return self.call("ADD", CONF, container_id, netns, pod=pod, **kw)
-
-    def check(self, container_id: str, netns: str, prev: dict[str, Any], pod: str = "") -> Call:
-        return self.call("CHECK", {**CONF, "prevResult": prev}, container_id, netns, pod=pod)
-
-    def delete(self, container_id: str, netns: str | None, prev: dict[str, Any] | None = None,
-               pod: str = "") -> Call:
-        return self.call("DEL", {**CONF, **({"prevResult": prev} if prev else {})}, container_id, netns, pod=pod)
-
-
-class Pods:
-    """Pod network namespaces, named ``cnit<pid>-<name>``; every one is deleted at teardown."""
-
-    def __init__(self) -> None:
-        self.prefix = f"cnit{os.getpid()}-"
-        self.created: list[str] = []
-
-    def new(self, name: str) -> str:
-        ns = f"{self.prefix}{name}"
-        result = run(["ip", "netns", "add", ns])
-        assert result.returncode == 0, result.stderr
-        self.created.append(ns)
-        assert run(["ip", "-n", ns, "link", "set", "lo", "up"]).returncode == 0
-        return ns
-
-    def cleanup(self) -> list[str]:
-        errors = []
-        for ns in reversed(self.created):
-            # Only processes this test started live in its pods (ping, the greeter); a test that failed midway
-            # may have left one.
-            pids = run(["ip", "netns", "pids", ns]).stdout.split()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-            result = run(["ip", "netns", "del", ns])
-            if result.returncode != 0:
-                errors.append(f"{ns}: {result.stderr.strip()}")
-        self.created.clear()
-        return errors
-
-
-@pytest.fixture
-def pods() -> Iterator[Pods]:
-    made = Pods()
-    yield made
-    errors = made.cleanup()
-    assert not errors, f"could not delete pod namespaces: {errors}"
-
-
-@pytest.fixture
-def mesh(lab: Callable[..., LabHandle]) -> LabHandle:
-    handle = lab("mesh3.clab.yml")
-    deadline_poll(lambda: ready_count(handle) >= 1, 60, f"{DAEMON} on {NODE} to log 'ready'")
+@pytest.fixture(scope="module")
+def mesh(module_lab: Deployer) -> LabHandle:
+    """One mesh3 lab for the module: every test adds its pods, deletes them and asserts nothing is left; the
+    tests that stop node1's daemon start it again."""
+    handle = module_lab("mesh3.clab.yml")
+    wait_ready(handle)
     return handle
-
-
-def cni_bin_dir(bin_dir: Path, kind: Kind = "c") -> Path:
-    """A CNI_PATH directory as a node has it: calico-py and calico-py-ipam installed by bgpd.cni.install (the C
-    shim unless told otherwise: InstallError if it cannot be built), and the reference plugins next to them."""
-    install(bin_dir, kind=kind)
-    if PORTMAP.exists():
-        (bin_dir / "portmap").symlink_to(PORTMAP)
-    return bin_dir
 
 
 @pytest.fixture
 def runtime(mesh: LabHandle, tmp_path: Path) -> Runtime:
     return Runtime(mesh, cni_bin_dir(tmp_path / "cni-bin"))
-
-
-def assert_nothing_left(handle: LabHandle, container_ids: list[str] | None = None) -> dict[str, Any]:
-    """No cali veth, no proto-80 /32 route, no IPAM handle and no endpoint (of ``container_ids``, or at all)."""
-    state = ipam_state(handle)
-    if container_ids is None:
-        assert cali_links(handle) == set()
-        assert host_routes(handle) == {}
-        assert state["handles"] == [], state["handles"]
-        assert state["weps"] == [], state["weps"]
-    else:
-        handles = {f"{NETWORK}.{c}" for c in container_ids}
-        assert not handles & set(state["handles"]), state["handles"]
-    assert state["report"]["problems"] == [], state["report"]["problems"]
-    return state
 
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -421,7 +209,7 @@ def test_portmap_chained_after_calico_py(mesh: LabHandle, pods: Pods, runtime: R
             out = mesh.exec("node2", sys.executable, "-I", "-c", CONNECT, node_ip, "8080", timeout=10)
             return out.returncode == 0 and out.stdout.strip() == "hello from the pod"
 
-        deadline_poll(answered, 20, f"node2 to reach the pod through {node_ip}:8080")
+        mesh.wait_for(answered, 20, f"node2 to reach the pod through {node_ip}:8080")
     finally:
         greeter.kill()
         greeter.wait(timeout=10)
@@ -494,7 +282,7 @@ def test_daemon_restart_keeps_traffic_and_repairs_a_deleted_route(mesh: LabHandl
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        deadline_poll(lambda: len(replies) >= 10, 10, "the first replies of the running ping")
+        mesh.wait_for(lambda: len(replies) >= 10, 10, "the first replies of the running ping")
         killed_at = time.monotonic()
         stop_daemon(mesh, signal.SIGKILL)
         # While the daemon is down, pod c's route disappears behind its back.
@@ -504,8 +292,8 @@ def test_daemon_restart_keeps_traffic_and_repairs_a_deleted_route(mesh: LabHandl
         restart_daemon(mesh)
         restarted_at = time.monotonic()
         # The start-up reconcile puts it back.
-        deadline_poll(lambda: host_routes(mesh).get(ip["rc"]) == c_if, 20, f"the route to {ip['rc']} to return")
-        deadline_poll(lambda: sum(t > restarted_at for t, _ in replies) >= 10, 10, "replies after the restart")
+        mesh.wait_for(lambda: host_routes(mesh).get(ip["rc"]) == c_if, 20, f"the route to {ip['rc']} to return")
+        mesh.wait_for(lambda: sum(t > restarted_at for t, _ in replies) >= 10, 10, "replies after the restart")
     finally:
         pinger.send_signal(signal.SIGINT)
         pinger.wait(timeout=10)

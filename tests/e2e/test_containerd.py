@@ -25,22 +25,16 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.e2e.test_cni import (
-    DAEMON,
-    NETWORK,
-    POOL,
-    assert_nothing_left,
-    cni_bin_dir,
-    ready_count,
-)
-from tests.labfixture import LabHandle
+from tests.lab.cni import NETWORK, POOL, assert_nothing_left, cni_bin_dir
+from tests.lab.daemon import wait_ready
+from tests.lab.handle import Deployer, LabHandle
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = ROOT / "deploy" / "calico-py.yaml"
@@ -266,12 +260,12 @@ class Runtime:
 
 
 @pytest.fixture
-def runtimes(lab: Callable[..., LabHandle]) -> Iterator[dict[str, Runtime]]:
+def runtimes(lab: Deployer) -> Iterator[dict[str, Runtime]]:
     handle = lab("mesh3.clab.yml")
     made: dict[str, Runtime] = {}
     try:
         for node in NODES:
-            handle.wait_for(lambda node=node: ready_count(handle, node) >= 1, 60, f"{DAEMON} on {node} to log 'ready'")
+            wait_ready(handle, node)
             made[node] = Runtime(handle, node)
             made[node].start()
         yield made

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
-import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_bgp import place_pods
-from tests.e2e.test_cni import Pods, in_ns, pod_ping
-from tests.labfixture import LabHandle
+from tests.lab.bgp import CLI, place_pods
+from tests.lab.cni import Pods, in_ns
+from tests.lab.handle import Deployer, LabHandle
+from tests.lab.traffic import interrupt, pod_ping
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="lab tests need root (network namespaces)")
 DATA = Path(__file__).parent / "data"
-CLI = str(Path(sys.executable).parent / "calicoctl-py")
 VXLAN_PORT = "udp port 4789"
 
 
@@ -44,8 +42,7 @@ def capture(netns: str, interface: str, expression: str) -> Iterator[Callable[[]
             assert "listening" in banner, banner
             yield lambda: lines
         finally:
-            process.send_signal(signal.SIGINT)
-            process.wait(timeout=10)
+            interrupt(process)
         lines += subprocess.run(["tcpdump", "-nr", str(path)], capture_output=True, text=True,
                                 check=False).stdout.splitlines()
 
@@ -77,7 +74,7 @@ def route_device(handle: LabHandle, node: str, address: str) -> str:
 
 
 def test_crosssubnet_encapsulates_between_subnets_only_and_a_mode_switch_applies_live(
-        lab: Callable[..., LabHandle], pods: Pods, tmp_path: Path) -> None:
+        lab: Deployer, pods: Pods, tmp_path: Path) -> None:
     handle = lab("crosssubnet.clab.yml")
     vxlan_ready(handle, ("node1", "node2", "node3"))
     placed = place_pods(handle, pods, tmp_path, ("node1", "node2", "node3"), "xs")
@@ -100,9 +97,10 @@ def test_crosssubnet_encapsulates_between_subnets_only_and_a_mode_switch_applies
     assert switched(), "after the switch to Always, same-subnet traffic is not encapsulated"
 
 
-@pytest.fixture
-def vxlan3(lab: Callable[..., LabHandle]) -> LabHandle:
-    handle = lab(DATA / "vxlan3.clab.yml")
+@pytest.fixture(scope="module")
+def vxlan3(module_lab: Deployer) -> LabHandle:
+    """One lab for the VXLAN tests: they add pods and read what the packets do."""
+    handle = module_lab(DATA / "vxlan3.clab.yml")
     vxlan_ready(handle, ("node1", "node2", "node3"))
     return handle
 
@@ -150,7 +148,7 @@ def kernel_has_ipip() -> bool:
 
 
 @pytest.mark.skipif(not kernel_has_ipip(), reason="this kernel has no ipip module: `ip link add type ipip` fails")
-def test_ipip_pool_routes_through_tunl0(lab: Callable[..., LabHandle], pods: Pods, tmp_path: Path) -> None:
+def test_ipip_pool_routes_through_tunl0(lab: Deployer, pods: Pods, tmp_path: Path) -> None:
     handle = lab("mesh3.clab.yml")
     switch_pool(handle, tmp_path, "ipipMode: Never", "ipipMode: Always")
     placed = place_pods(handle, pods, tmp_path, ("node1", "node2"), "ipip")

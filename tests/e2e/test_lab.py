@@ -14,7 +14,7 @@ import pytest
 from containerlab import netns
 from containerlab.lab import Lab
 from containerlab.topology import Topology, load
-from tests.labfixture import TOPOLOGIES, LabHandle
+from tests.lab.handle import TOPOLOGIES, Deployer, LabHandle
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="lab tests need root (network namespaces)")
 
@@ -53,7 +53,7 @@ def ping_every_segment(handle: LabHandle) -> int:
 
 
 @pytest.mark.parametrize("topology_file", TOPOLOGY_FILES)
-def test_topology_deploys_pings_and_destroys(lab, topology_file: str) -> None:
+def test_topology_deploys_pings_and_destroys(lab: Deployer, topology_file: str) -> None:
     handle = lab(topology_file)
     namespaces = set(handle.lab.all_namespaces())
     assert namespaces <= netns.namespaces()
@@ -70,7 +70,7 @@ def test_topology_deploys_pings_and_destroys(lab, topology_file: str) -> None:
     print(f"\n{topology_file}: deploy {handle.deploy_seconds:.2f}s, destroy {seconds:.2f}s")
 
 
-def test_deploy_is_idempotent_and_destroy_needs_no_state(lab) -> None:
+def test_deploy_is_idempotent_and_destroy_needs_no_state(lab: Deployer) -> None:
     handle = lab("mesh3.clab.yml")
     before = {(r.node, tuple(r.processes)) for r in handle.lab.inspect()}
     again = handle.lab.deploy()
@@ -85,7 +85,7 @@ def test_deploy_is_idempotent_and_destroy_needs_no_state(lab) -> None:
     assert all(netns.start_time(pid) is None for pid in pids)
 
 
-def test_a_removed_link_is_recreated_by_deploy(lab) -> None:
+def test_a_removed_link_is_recreated_by_deploy(lab: Deployer) -> None:
     handle = lab("mesh3.clab.yml")
     link = handle.topology.links[0]
     handle.exec(link.a.node, "ip", "link", "del", link.a.interface)
@@ -136,7 +136,7 @@ def test_lab_object_refuses_unknown_node(tmp_path: Path) -> None:
         lab_.netns("nope")
 
 
-def test_bird_frr_and_gobgp_images_run_their_daemons_and_peer(lab) -> None:
+def test_bird_frr_and_gobgp_images_run_their_daemons_and_peer(lab: Deployer) -> None:
     handle = lab(Path(__file__).parent / "data" / "peers.clab.yml")
     state = handle.lab.run_dir
 
@@ -176,7 +176,7 @@ def test_destroy_cleans_up_after_a_runner_killed_mid_deploy(tmp_path: Path) -> N
     assert not set(lab_.all_namespaces()) & netns.namespaces()
 
 
-def test_leafspine_routes_between_racks_over_bgp(lab) -> None:
+def test_leafspine_routes_between_racks_over_bgp(lab: Deployer) -> None:
     handle = lab("leafspine.clab.yml")
     # node1 (rack 1) reaches node3 and node4 (rack 2) only once the leaves learned each other's rack subnet
     # through the spines over eBGP.
@@ -187,7 +187,7 @@ def test_leafspine_routes_between_racks_over_bgp(lab) -> None:
                     timeout=60, what="leaf1 to reach rack 2 over both spines (ECMP)")
 
 
-def test_crosssubnet_routes_through_the_plain_router(lab) -> None:
+def test_crosssubnet_routes_through_the_plain_router(lab: Deployer) -> None:
     handle = lab("crosssubnet.clab.yml")
     assert handle.ping("node1", handle.address("node3", "eth1").ip)
     assert handle.ping("node4", handle.address("node2", "eth1").ip)

@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import os
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from tests.labfixture import LabHandle
+from tests.lab.bgp import CLI
+from tests.lab.daemon import wait_ready
+from tests.lab.handle import Deployer, LabHandle
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="lab tests need root (network namespaces)")
-CLI = str(Path(sys.executable).parent / "calicoctl-py")
 
 
-def ready(handle: LabHandle, node: str) -> bool:
-    log = handle.lab.run_dir / node / "calico-py-node.log"
-    return log.exists() and " ready " in log.read_text()
+@pytest.fixture(scope="module")
+def mesh(module_lab: Deployer) -> LabHandle:
+    """One mesh3 for the module: the tests only read it."""
+    handle = module_lab("mesh3.clab.yml")
+    wait_ready(handle)
+    return handle
 
 
-def test_node_status_diags_and_ipam_show_on_a_lab_node(lab, tmp_path: Path) -> None:
-    handle = lab("mesh3.clab.yml")
-    handle.wait_for(lambda: ready(handle, "node1"), timeout=60, what="node1's daemon to be ready")
+def test_node_status_diags_and_ipam_show_on_a_lab_node(mesh: LabHandle, tmp_path: Path) -> None:
+    handle = mesh
     status = handle.exec("node1", CLI, "node", "status")
     assert status.returncode == 0, status.stderr
     lines = status.stdout.splitlines()
@@ -45,7 +47,6 @@ def test_node_status_diags_and_ipam_show_on_a_lab_node(lab, tmp_path: Path) -> N
     assert pools[1].split()[:3] == ["default-ipv4-ippool", "10.244.0.0/16", "true"]  # NAT outgoing on by default
 
 
-def test_node_status_without_daemon_in_a_bare_namespace(lab) -> None:
-    handle = lab("rr-bird.clab.yml")  # rr1 is a BIRD reflector: no calico-py daemon there
-    result = handle.exec("rr1", CLI, "node", "status")
+def test_node_status_without_daemon_in_a_bare_namespace(mesh: LabHandle) -> None:
+    result = mesh.exec("etcd", CLI, "node", "status")  # the lab's etcd node runs no calico-py daemon
     assert result.returncode == 1 and result.stdout.strip() == "calico-py process is not running."

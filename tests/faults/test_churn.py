@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from containerlab import netns, runner
-from tests.e2e.test_bgp import place_pods, sessions
-from tests.e2e.test_bgp_restart import has_route, mesh_with
-from tests.e2e.test_cni import CONF, NETWORK, Pods, Runtime, daemon_log, ipam_state, pod_ping
-from tests.faults.conftest import FaultRecord, Pinger
-from tests.labfixture import LabHandle
+from tests.lab.bgp import has_route, mesh_with, place_pods, sessions
+from tests.lab.cni import CONF, NETWORK, Pods, Runtime, ipam_state
+from tests.lab.daemon import daemon_log
+from tests.lab.handle import Deployer, LabHandle
+from tests.lab.report import FaultRecord
+from tests.lab.traffic import Pinger, pod_ping
 
 CYCLES = 20
 CHURNED = "node3"
@@ -90,7 +90,7 @@ def peer_ups(handle: LabHandle, node: str, peer: str) -> int:
     return daemon_log(handle, node).count(f"bgp peer {peer} up")
 
 
-def test_node_churn_20_cycles_converges_without_stale_routes(lab: Callable[..., LabHandle], pods: Pods,
+def test_node_churn_20_cycles_converges_without_stale_routes(lab: Deployer, pods: Pods,
                                                               tmp_path: Path, fault_report: FaultRecord) -> None:
     fault_report.fault = "node churn (mesh3, node3 destroyed and redeployed)"
     handle = mesh_with(lab, tmp_path, f"{RESTART_TIME}s")
@@ -110,7 +110,7 @@ def test_node_churn_20_cycles_converges_without_stale_routes(lab: Callable[..., 
     with Pinger(placed["node1"][0], placed["node2"][1], 0.1) as bystanders:
         for cycle in range(CYCLES):
             ups_before = {node: peer_ups(handle, node, addresses[CHURNED]) for node in STEADY}
-            processes = [p for p in handle.lab._load_processes() if p.node == CHURNED]
+            processes = [p for p in handle.processes() if p.node == CHURNED]
             assert processes and all(p.alive() for p in processes)
 
             handle.lab.destroy_node(CHURNED)
@@ -184,7 +184,7 @@ def test_node_churn_20_cycles_converges_without_stale_routes(lab: Callable[..., 
 
 
 def test_a_node_away_longer_than_the_restart_time_is_withdrawn_everywhere_and_returns(
-        lab: Callable[..., LabHandle], pods: Pods, tmp_path: Path, fault_report: FaultRecord) -> None:
+        lab: Deployer, pods: Pods, tmp_path: Path, fault_report: FaultRecord) -> None:
     fault_report.fault = f"node gone past graceful restart ({SHORT_RESTART}s)"
     handle = mesh_with(lab, tmp_path, f"{SHORT_RESTART}s")
     addresses = {node: handle.address(node).ip.exploded for node in NODES}

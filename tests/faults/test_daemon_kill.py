@@ -33,8 +33,8 @@ from typing import Any
 import pytest
 
 from bgpd.dataplane.workloads import host_interface_name
-from tests.e2e.test_bgp import CLI, mesh3, place_pods  # noqa: F401 - mesh3 is a fixture
-from tests.e2e.test_cni import (
+from tests.lab.bgp import CLI, mesh3, place_pods
+from tests.lab.cni import (
     CONF,
     ETCD,
     NETWORK,
@@ -45,16 +45,13 @@ from tests.e2e.test_cni import (
     Runtime,
     cali_links,
     cni_bin_dir,
-    daemon_log,
-    deadline_poll,
     host_routes,
     in_ns,
-    pod_ping,
-    ready_count,
-    stop_daemon,
 )
-from tests.faults.conftest import FaultRecord, Pinger
-from tests.labfixture import LabHandle
+from tests.lab.daemon import daemon_log, restart_daemon, stop_daemon
+from tests.lab.handle import Deployer, LabHandle
+from tests.lab.report import FaultRecord
+from tests.lab.traffic import Pinger, pod_ping
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="fault tests need root (network namespaces)"),
               pytest.mark.slow]
@@ -155,17 +152,14 @@ def leftovers(handle: LabHandle, failed: list[tuple[str, str]]) -> list[str]:
 
 def restart(handle: LabHandle) -> float:
     """The lab restarts the missing daemon; seconds from then until it logs 'ready' (its CNI socket is open)."""
-    before = ready_count(handle)
     started = time.monotonic()
-    report = handle.lab.deploy()
-    assert f"{NODE}/calico-py-node" in report.started, report
-    deadline_poll(lambda: ready_count(handle) > before, RESTART_DEADLINE, "the restarted daemon to log 'ready'")
+    restart_daemon(handle, timeout=RESTART_DEADLINE)
     return time.monotonic() - started
 
 
-def test_daemon_sigkill_during_add_storm(mesh3: LabHandle, pods: Pods, tmp_path: Path,  # noqa: F811
+def test_daemon_sigkill_during_add_storm(lab: Deployer, pods: Pods, tmp_path: Path,
                                          fault_report: FaultRecord) -> None:
-    handle = mesh3
+    handle = mesh3(lab)
     fault_report.fault = "daemon SIGKILL during ADD storm"
     rng = random.Random(SEED)
     runtime = Runtime(handle, cni_bin_dir(tmp_path / "cni-bin"))

@@ -28,11 +28,14 @@ import pytest
 from containerlab import netns
 from containerlab.netns import Process
 from ipam.datastore import DEFAULT_ENDPOINTS, EtcdConfig
-from tests.e2e.test_bgp import CLI, place_pods, sessions
-from tests.e2e.test_cni import Call, Pods, Runtime, cali_links, daemon_log, daemon_process, host_routes, pod_ping
-from tests.e2e.test_health import get
-from tests.faults.conftest import FaultRecord, Pinger
-from tests.labfixture import LabHandle
+from tests.eventually import within
+from tests.lab.bgp import CLI, place_pods, sessions
+from tests.lab.cni import Call, Pods, Runtime, cali_links, host_routes
+from tests.lab.daemon import daemon_log, daemon_process
+from tests.lab.handle import Deployer, LabHandle
+from tests.lab.health import get
+from tests.lab.report import FaultRecord
+from tests.lab.traffic import Pinger, pod_ping
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="fault tests need root (network namespaces)")
 
@@ -77,7 +80,7 @@ def endpoints(handle: LabHandle) -> str:
 
 
 def member(handle: LabHandle, name: str) -> Process:
-    found = [p for p in handle.lab._load_processes() if p.node == name and p.daemon == "etcd"]
+    found = [p for p in handle.processes() if p.node == name and p.daemon == "etcd"]
     assert found, f"no etcd recorded for {name} in {handle.lab.state_file}"
     return found[-1]
 
@@ -251,21 +254,26 @@ def runtime(handle: LabHandle, tmp_path: Path) -> Runtime:
 
 
 def add_until_it_works(rt: Runtime, ns: str, container: str, timeout: float) -> Call:
-    """ADD as a runtime retries one: after a failure, DEL the attempt, then ADD again, until ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        call = rt.add(container, ns, pod=container)
-        if call.rc == 0 or time.monotonic() > deadline:
-            return call
-        assert rt.delete(container, ns, pod=container).rc == 0
+    """ADD as a runtime retries one: after a failure, DEL the attempt, then ADD again, until ``timeout``; the
+    last attempt's answer."""
+    calls: list[Call] = []
+
+    def attempt() -> bool:
+        if calls and calls[-1].rc != 0:
+            assert rt.delete(container, ns, pod=container).rc == 0
+        calls.append(rt.add(container, ns, pod=container))
+        return calls[-1].rc == 0
+    within(attempt, timeout)
+    return calls[-1]
 
 
 # ---------------------------------------------------------------------------------------------- tests
 
 
-@pytest.fixture
-def etcd3(lab: Callable[..., LabHandle]) -> LabHandle:
-    handle = lab(TOPOLOGY)
+@pytest.fixture(scope="module")
+def etcd3(module_lab: Deployer) -> LabHandle:
+    """One lab for the three faults: each starts again what it stopped and waits for the cluster to be healthy."""
+    handle = module_lab(TOPOLOGY)
     for node in NODES:
         handle.wait_for(lambda node=node: len(sessions(handle, node)) == 2, timeout=CONVERGE_SECONDS,
                         what=f"{node} to have Established sessions to both other nodes")

@@ -19,12 +19,24 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from containerlab import netns
-from tests.e2e.test_bgp import apply_resources, mesh3, peer_rows, place_pods, sessions  # noqa: F401 - mesh3: a fixture
-from tests.e2e.test_bgp_restart import has_route
-from tests.e2e.test_cni import Pods, pod_ping
-from tests.faults.conftest import FaultRecord, Pinger
-from tests.labfixture import LabHandle
+from tests.eventually import within
+from tests.lab.bgp import (
+    MESH3_ETCD,
+    apply_resources,
+    delete_resources,
+    has_route,
+    mesh3,
+    peer_rows,
+    place_pods,
+    sessions,
+)
+from tests.lab.cni import Pods
+from tests.lab.handle import Deployer, LabHandle
+from tests.lab.report import FaultRecord
+from tests.lab.traffic import Pinger, pod_ping
 
 RUNS = 3
 RECOVERY_DEADLINE = 45.0  # seconds; a loaded CI host is slow, a stuck session is not
@@ -73,16 +85,23 @@ class RouteMonitor:
                         if line.startswith("Deleted") and "proto 80" in line and " via " in line]
 
 
+@pytest.fixture(scope="module")
+def mesh(module_lab: Deployer) -> LabHandle:
+    """One mesh3 for both faults: each leaves node1 with a running ExaBGP, the mesh Established and its own
+    resources removed."""
+    return mesh3(module_lab)
+
+
 def mesh_up_with_node1(handle: LabHandle) -> bool:
     """node1 has both sessions Established, and both other nodes have theirs to node1."""
     return (len(sessions(handle, "node1")) == 2
             and all(ADDRESSES["node1"] in sessions(handle, node) for node in ("node2", "node3")))
 
 
-def test_exabgp_killed_is_restarted_and_forwarding_survives(mesh3: LabHandle, pods: Pods, tmp_path: Path,  # noqa: F811
+def test_exabgp_killed_is_restarted_and_forwarding_survives(mesh: LabHandle, pods: Pods, tmp_path: Path,
                                                             fault_report: FaultRecord) -> None:
     fault_report.fault = "ExaBGP SIGKILL"
-    handle = mesh3
+    handle = mesh
     placed = place_pods(handle, pods, tmp_path, ("node1", "node2"), "xk")
     (pod1, address1), (_, address2) = placed["node1"], placed["node2"]
     assert pod_ping(pod1, address2, timeout=30), "pods on node1 and node2 do not reach each other before the fault"
@@ -97,18 +116,15 @@ def test_exabgp_killed_is_restarted_and_forwarding_survives(mesh3: LabHandle, po
             pinger = stack.enter_context(Pinger(pod1, address2))
             os.kill(old, signal.SIGKILL)
             killed = time.monotonic()
-            deadline = killed + RECOVERY_DEADLINE
 
             def restarted(old: int = old) -> bool:
                 new = exabgp_pid(handle, "node1")
                 return new is not None and new != old
 
-            while not (restarted() and mesh_up_with_node1(handle)):
-                assert time.monotonic() < deadline, (
-                    f"run {run}: node1's ExaBGP restarted={restarted()}, sessions node1={sessions(handle, 'node1')}"
-                    f" node2={sessions(handle, 'node2')} node3={sessions(handle, 'node3')} after"
-                    f" {RECOVERY_DEADLINE:g}s")
-                time.sleep(0.1)  # poll interval (the deadline above bounds the wait)
+            recovered = within(lambda: restarted() and mesh_up_with_node1(handle), RECOVERY_DEADLINE, every=0.1)
+            assert recovered, (
+                f"run {run}: node1's ExaBGP restarted={restarted()}, sessions node1={sessions(handle, 'node1')}"
+                f" node2={sessions(handle, 'node2')} node3={sessions(handle, 'node3')} after {RECOVERY_DEADLINE:g}s")
             recovery = time.monotonic() - killed
             # The routes are still right once the new ExaBGP relearned them (stale ones replaced, not dropped).
             assert has_route(handle, "node1", address2) and has_route(handle, "node2", address1)
@@ -125,19 +141,19 @@ def test_exabgp_killed_is_restarted_and_forwarding_survives(mesh3: LabHandle, po
     fault_report.notes = "IPAM untouched by this fault; routes kept in every kernel throughout (graceful restart)"
 
 
-def test_peers_added_while_another_peer_is_down_still_come_up(mesh3: LabHandle, pods: Pods,  # noqa: F811
+def test_peers_added_while_another_peer_is_down_still_come_up(mesh: LabHandle, pods: Pods,
                                                               tmp_path: Path, fault_report: FaultRecord) -> None:
     fault_report.fault = "ExaBGP drops reloads (a peer down)"
-    handle = mesh3
+    handle = mesh
     placed = place_pods(handle, pods, tmp_path, ("node1", "node2"), "rd")
     config = tmp_path / "mesh.yaml"
     config.write_text("apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata: {name: default}\n"
                       "spec: {nodeToNodeMeshEnabled: false}\n")
-    apply_resources(handle, "172.20.20.2", config)
+    apply_resources(handle, MESH3_ETCD, config)
     nowhere = tmp_path / "nowhere.yaml"
     nowhere.write_text("apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {name: nowhere}\n"
                        "spec: {node: node1, peerIP: 10.0.0.99, asNumber: 64512}\n")  # no speaker there: down for good
-    apply_resources(handle, "172.20.20.2", nowhere)
+    apply_resources(handle, MESH3_ETCD, nowhere)
     handle.wait_for(lambda: set(peer_rows(handle, "node1")) == {"10.0.0.99"}, 30, "node1 to have only the dead peer")
     # A new ExaBGP gets our routes for every configured peer: the dead one's stay queued from now on.
     old = exabgp_pid(handle, "node1")
@@ -151,7 +167,7 @@ def test_peers_added_while_another_peer_is_down_still_come_up(mesh3: LabHandle, 
     node_offset = node_log.stat().st_size
 
     config.write_text(config.read_text().replace("false", "true"))
-    apply_resources(handle, "172.20.20.2", config)  # the mesh is back: node1's ExaBGP must add two peers
+    apply_resources(handle, MESH3_ETCD, config)  # the mesh is back: node1's ExaBGP must add two peers
     changed = time.monotonic()
     handle.wait_for(lambda: len(sessions(handle, "node1")) == 2, 60,
                     "node1's mesh sessions to come up although its ExaBGP drops reloads")
@@ -166,3 +182,6 @@ def test_peers_added_while_another_peer_is_down_still_come_up(mesh3: LabHandle, 
                           + ("then restarted with the new peers" if "restarting it" in log else "a resent one took"))
     print(f"\nmesh sessions up {recovery:.1f}s after the change, through: "
           + "; ".join(line.split(" ", 4)[-1] for line in log.splitlines() if "reload" in line))
+    delete_resources(handle, MESH3_ETCD, nowhere)
+    handle.wait_for(lambda: set(peer_rows(handle, "node1")) == set(ADDRESSES.values()) - {ADDRESSES["node1"]}, 30,
+                    "node1 to drop the dead peer")

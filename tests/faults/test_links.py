@@ -16,16 +16,17 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.test_bgp import CLI, apply_resources, place_pods, sessions
-from tests.e2e.test_bgp_restart import mesh_with
-from tests.e2e.test_cni import Pods, daemon_log, pod_ping
-from tests.faults.conftest import FaultRecord, Pinger
-from tests.labfixture import TOPOLOGIES, LabHandle
+from tests.eventually import within
+from tests.lab.bgp import CLI, apply_resources, mesh_with, place_pods, sessions
+from tests.lab.cni import Pods
+from tests.lab.daemon import daemon_log
+from tests.lab.handle import TOPOLOGIES, Deployer, LabHandle
+from tests.lab.report import FaultRecord
+from tests.lab.traffic import Pinger, pod_ping
 
 FABRIC_HOLD = 3  # seconds; BIRD's minimum (keepalive 1 s)
 MESH_HOLD = 30  # the hold time the daemon gives ExaBGP; keepalives every third of it
@@ -89,7 +90,7 @@ def nexthops(handle: LabHandle, router: str, destination: str) -> set[str]:
 
 
 def test_leafspine_uplink_loss_fails_over_to_the_other_spine_and_back(
-        lab: Callable[..., LabHandle], pods: Pods, tmp_path: Path, fault_report: FaultRecord) -> None:
+        lab: Deployer, pods: Pods, tmp_path: Path, fault_report: FaultRecord) -> None:
     fault_report.fault = f"link loss leaf-spine (hold {FABRIC_HOLD}s)"
     handle = lab(fast_fabric(tmp_path))
     apply_resources(handle, "172.20.23.2", tmp_path / "leafspine" / "calico-bgp.yaml")
@@ -171,7 +172,7 @@ def session_down_at(handle: LabHandle, node: str, peer: str, after: float) -> fl
 
 
 def test_mesh3_node_link_down_withdraws_its_routes_after_hold_time_and_they_return(
-        lab: Callable[..., LabHandle], pods: Pods, tmp_path: Path, fault_report: FaultRecord) -> None:
+        lab: Deployer, pods: Pods, tmp_path: Path, fault_report: FaultRecord) -> None:
     fault_report.fault = f"link loss mesh3 node1 (hold {MESH_HOLD}s, GR {MESH_RESTART}s)"
     handle = mesh_with(lab, tmp_path, f"{MESH_RESTART}s")
     nodes = ("node1", "node2", "node3")
@@ -189,13 +190,15 @@ def test_mesh3_node_link_down_withdraws_its_routes_after_hold_time_and_they_retu
     with Pinger(placed["node2"][0], placed["node3"][1], PING_INTERVAL) as bystanders:
         down_at, down_clock = time.monotonic(), time.time()
         assert handle.exec("node1", "ip", "link", "set", "eth1", "down").returncode == 0
-        deadline = down_at + MESH_HOLD + MESH_RESTART + 2 * SLACK
-        while len(withdrawn) < len(survivors) and time.monotonic() < deadline:
+
+        def each_withdrew() -> bool:
+            """Notes when each survivor dropped node1's blocks; true once both did."""
             for node in survivors:
                 if node not in withdrawn and not node1_blocks & set(block_routes(handle, node)):
                     withdrawn[node] = time.monotonic() - down_at
-            time.sleep(0.2)  # the poll's period
-        assert set(withdrawn) == set(survivors), f"node1's routes still held after {deadline - down_at:.0f}s"
+            return len(withdrawn) == len(survivors)
+        patience = MESH_HOLD + MESH_RESTART + 2 * SLACK
+        assert within(each_withdrew, patience, every=0.2), f"node1's routes still held after {patience:.0f}s"
     # When each survivor gave up on node1: its daemon's log line, to the millisecond (a poll of `node status`
     # would add its own latency on a loaded machine).
     held = {node: session_down_at(handle, node, address["node1"], down_clock) - down_clock for node in survivors}

@@ -19,17 +19,19 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ipam import keys
-from tests.e2e.test_bgp import apply_resources, place_pods, sessions
-from tests.e2e.test_cni import Pods, daemon_log, pod_ping
-from tests.e2e.test_health import get, sample
-from tests.faults.conftest import FaultRecord, Pinger
-from tests.labfixture import LabHandle
+from tests.lab.bgp import apply_resources, place_pods, sessions
+from tests.lab.cni import Pods
+from tests.lab.daemon import daemon_log
+from tests.lab.handle import Deployer, LabHandle
+from tests.lab.health import get, sample
+from tests.lab.report import FaultRecord
+from tests.lab.traffic import Pinger, pod_ping
 
 DATA = Path(__file__).parent / "data"
 NODES = ("node1", "node2")
@@ -50,7 +52,7 @@ BROKEN_PEER = {"apiVersion": "projectcalico.org/v3", "kind": "BGPPeer", "metadat
 
 
 @pytest.fixture
-def rogue(lab: Callable[..., LabHandle]) -> LabHandle:
+def rogue(lab: Deployer) -> LabHandle:
     handle = lab(DATA / "rogue.clab.yml")
     etcd = str(handle.topology.mgmt_addresses()["etcd"].ip)
     put = handle.exec("node1", "etcdctl", f"--endpoints=http://{etcd}:2379", "put",

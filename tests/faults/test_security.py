@@ -7,41 +7,29 @@ certificate from another CA stops with one line saying so."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from bgpd.cni.shim import encode_request
 from bgpd.privileges import CapabilitySets, mask, names_in, needed_capabilities
-from containerlab.lab import Lab
-from containerlab.topology import load
-from tests.e2e.test_bgp import place_pods, sessions
-from tests.e2e.test_cni import Pods, daemon_log, daemon_process, pod_ping
 from tests.etcdserver import make_test_pki
-from tests.faults.conftest import FaultRecord, interrupt
-from tests.labfixture import LabHandle
+from tests.eventually import eventually
+from tests.lab.bgp import CLI, place_pods, sessions
+from tests.lab.cni import Pods
+from tests.lab.daemon import daemon_log, daemon_process
+from tests.lab.handle import Deployer, LabHandle
+from tests.lab.report import FaultRecord
+from tests.lab.traffic import interrupt, pod_ping
 
 DATA = Path(__file__).resolve().parent / "data"
-CLI = str(Path(sys.executable).parent / "calicoctl-py")
 PASSWORD = "md5-s3cret-47"  # what bird1.conf holds
 ETCD = "http://172.20.47.2:2379"
 NODES = ("node1", "node2")
 BIRD1, BIRD2 = "10.0.47.1", "10.0.47.2"
 NOBODY = "65534"
-
-
-def wait_for(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.2)
 
 
 class Capture:
@@ -74,33 +62,26 @@ class Capture:
 
 
 @pytest.fixture(scope="module")
-def security_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabHandle, list[str]]]:
+def security_lab(module_lab: Deployer, tmp_path_factory: pytest.TempPathFactory) -> tuple[LabHandle, list[str]]:
     """The lab with its BGPPeers applied and the password secret mounted on both nodes; also the tcpdump of
     node1's BGP traffic from before the peers were configured until every session that can come up is up."""
-    if os.geteuid() != 0:
-        pytest.skip("lab tests need root (network namespaces)")
-    path = DATA / "security.clab.yml"
-    topology = load(path, name_override=f"{load(path).name}-t{os.getpid() % 100000}")
-    handle = LabHandle(Lab(topology))
-    try:
-        handle.lab.deploy()
-        for node in NODES:
-            secret = handle.lab.run_dir / node / "secrets" / "bgp-passwords"
-            secret.mkdir(parents=True, exist_ok=True)
-            for key in ("bird1", "bird2"):  # bird2 has no password configured: the nodes' MD5 must keep it out
-                (secret / key).write_text(PASSWORD + "\n")
-        with Capture(handle, "node1", tmp_path_factory.mktemp("pcap") / "bgp.pcap") as capture:
-            applied = handle.exec("node1", "env", f"ETCD_ENDPOINTS={ETCD}", CLI, "apply", "-f",
-                                  str(DATA / "security" / "calico-bgp.yaml"))
-            assert applied.returncode == 0, applied.stderr
-            for node, other in (("node1", "10.0.47.12"), ("node2", "10.0.47.11")):
-                handle.wait_for(lambda node=node, other=other: {BIRD1, other} <= set(sessions(handle, node)), 90,
-                                f"{node} to have Established sessions to bird1 (MD5) and to the other node")
-            # node1's ExaBGP keeps trying bird2: wait for one of its SYNs, which must go unanswered.
-            wait_for(lambda: any(f"> {BIRD2}.179" in line for line in capture.read()), 60, "a SYN from node1 to bird2")
-        yield handle, capture.read("-M", PASSWORD)
-    finally:
-        handle.lab.destroy()
+    handle = module_lab(DATA / "security.clab.yml")
+    for node in NODES:
+        secret = handle.lab.run_dir / node / "secrets" / "bgp-passwords"
+        secret.mkdir(parents=True, exist_ok=True)
+        for key in ("bird1", "bird2"):  # bird2 has no password configured: the nodes' MD5 must keep it out
+            (secret / key).write_text(PASSWORD + "\n")
+    with Capture(handle, "node1", tmp_path_factory.mktemp("pcap") / "bgp.pcap") as capture:
+        applied = handle.exec("node1", "env", f"ETCD_ENDPOINTS={ETCD}", CLI, "apply", "-f",
+                              str(DATA / "security" / "calico-bgp.yaml"))
+        assert applied.returncode == 0, applied.stderr
+        for node, other in (("node1", "10.0.47.12"), ("node2", "10.0.47.11")):
+            handle.wait_for(lambda node=node, other=other: {BIRD1, other} <= set(sessions(handle, node)), 90,
+                            f"{node} to have Established sessions to bird1 (MD5) and to the other node")
+        # node1's ExaBGP keeps trying bird2: wait for one of its SYNs, which must go unanswered.
+        eventually(lambda: any(f"> {BIRD2}.179" in line for line in capture.read()), 60, "a SYN from node1 to bird2",
+                   every=0.2)
+    return handle, capture.read("-M", PASSWORD)
 
 
 def bird(handle: LabHandle, node: str, *command: str) -> str:
@@ -201,8 +182,8 @@ def test_local_sockets_refuse_a_user_other_than_root(security_lab: tuple[LabHand
     api = as_nobody(handle, "node1", "calico-py-exabgp", FORGED_UPDATE.encode())
     assert api.returncode == 0, api.stderr
     assert api.stdout.strip() in ("b''", "reset"), api.stdout
-    wait_for(lambda: "refused a connection to the ExaBGP API socket from uid 65534" in
-             daemon_log(handle, "node1")[log_before:], 10, "the daemon to log the refusal")
+    handle.wait_for(lambda: "refused a connection to the ExaBGP API socket from uid 65534" in
+                    daemon_log(handle, "node1")[log_before:], 10, "the daemon to log the refusal")
     assert "10.244.250.0" not in handle.exec("node1", "ip", "route").stdout
     # ExaBGP's own connection was not replaced: sessions stay up and routes still flow.
     assert {BIRD1, "10.0.47.12"} <= set(sessions(handle, "node1"))
@@ -238,7 +219,7 @@ def tls_topology(directory: Path) -> Path:
 
 
 def test_the_daemon_and_the_cni_path_work_against_etcd_with_client_certificates(
-        lab: Callable[..., LabHandle], pods: Pods, tmp_path: Path) -> None:
+        lab: Deployer, pods: Pods, tmp_path: Path) -> None:
     handle = lab(tls_topology(tmp_path))
     handle.wait_for(lambda: " ready node=node1" in daemon_log(handle, "node1"), 60, "node1's daemon to be ready")
     # A pod on node1: its address comes from IPAM over TLS, and its WorkloadEndpoint is in etcd.

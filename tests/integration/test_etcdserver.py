@@ -6,25 +6,17 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.etcdserver import EtcdCluster, etcd_available, etcdctl, wipe_all_keys
+from tests.eventually import eventually
 
 pytestmark = [pytest.mark.etcd, pytest.mark.skipif(not etcd_available(), reason="etcd-server not installed")]
 
 LEFTOVER_KEY = "/test-etcdserver/leftover"
-
-
-def poll(what: str, attempt: Callable[[], bool], timeout: float = 20.0) -> None:
-    """Call ``attempt`` until it returns True, failing the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not attempt():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"{what}: still not done after {timeout}s")
-        time.sleep(0.05)
+CONVERGE_SECONDS = 20.0
 
 
 def get_value(endpoints: list[str], key: str, *flags: str) -> str:
@@ -79,7 +71,7 @@ def test_three_members_survive_losing_one_and_take_it_back(etcd_cluster3: EtcdCl
         # A leader election may be under way if the killed member led; a put then fails until it is over.
         return etcdctl(survivors, "put", "/after", "2", "--command-timeout=2s", check=False).returncode == 0
 
-    poll("put on the two surviving members", put_on_survivors)
+    eventually(put_on_survivors, CONVERGE_SECONDS, "a put on the two surviving members")
     for endpoint in survivors:
         assert get_value([endpoint], "/after") == "2"
         assert get_value([endpoint], "/before") == "1"
@@ -93,7 +85,7 @@ def test_three_members_survive_losing_one_and_take_it_back(etcd_cluster3: EtcdCl
                          "--command-timeout=2s", check=False)
         return result.returncode == 0 and result.stdout.strip() == "2"
 
-    poll("serializable read of /after on the restarted member", restarted_member_caught_up)
+    eventually(restarted_member_caught_up, CONVERGE_SECONDS, "a serializable read of /after on the restarted member")
     etcdctl(cluster.endpoints[:1], "put", "/after-restart", "3")  # it takes writes again too
     assert get_value(cluster.endpoints[2:], "/after-restart") == "3"
 
@@ -104,8 +96,8 @@ def test_stop_member_and_restart(etcd_cluster3: EtcdCluster) -> None:
     assert not cluster.members[2].is_running()
     etcdctl(cluster.endpoints[:2], "put", "/k", "v")
     cluster.restart_member(2)
-    poll("restarted member serves /k",
-         lambda: get_value(cluster.endpoints[2:], "/k", "--consistency=s") == "v")
+    eventually(lambda: get_value(cluster.endpoints[2:], "/k", "--consistency=s") == "v", CONVERGE_SECONDS,
+               "the restarted member to serve /k")
 
 
 def test_stop_leaves_no_process_behind(tmp_path: Path) -> None:

@@ -8,8 +8,6 @@ import json
 import os
 import socket
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,6 +43,7 @@ from bgpd.speaker.peers import (
 )
 from bgpd.speaker.process import reload_outcome
 from ipam.model import IPPool
+from tests.eventually import eventually_async
 
 
 def node(name: str, ip: str | None, as_number: int | None = None, **labels: str) -> NodeInfo:
@@ -369,12 +368,6 @@ def test_supervisor_resends_a_dropped_reload_then_restarts_exabgp(tmp_path: Path
     stand_in.chmod(0o755)
     mesh = desired_peers(NODES[0], NODES, None, [])
 
-    async def until(condition: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + 20
-        while not condition():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            await asyncio.sleep(0.05)  # polling the supervisor's counters, with a deadline
-
     async def scenario(deaf: bool) -> ExaBGP:
         if deaf:
             monkeypatch.setenv("STAND_IN_DEAF", "1")
@@ -384,17 +377,18 @@ def test_supervisor_resends_a_dropped_reload_then_restarts_exabgp(tmp_path: Path
         supervisor = speaker.process
         try:
             speaker.set_peers(mesh[:1])
-            await until(supervisor.api_ready.is_set, "the stand-in to connect")
+            await eventually_async(supervisor.api_ready.is_set, 20, "the stand-in to connect")
             first = supervisor._process
             speaker.set_peers(mesh)  # a peer more: a reload
             if deaf:
-                await until(lambda: supervisor.restarts == 1, "ExaBGP restarted after unanswered reloads")
+                await eventually_async(lambda: supervisor.restarts == 1, 20,
+                                       "ExaBGP to restart after unanswered reloads")
                 assert supervisor._process is not first and supervisor.reloads_unanswered == process.RELOAD_ATTEMPTS
                 # The new one starts from the file, which has every peer.
                 assert (speaker.state_dir / "exabgp.conf").read_text().count("neighbor ") == len(mesh)
             else:
-                await until(lambda: supervisor.reloads == 1 and "loaded new" in
-                            (speaker.state_dir / "exabgp.log").read_text(), "the reload")
+                await eventually_async(lambda: supervisor.reloads == 1 and "loaded new" in
+                                       (speaker.state_dir / "exabgp.log").read_text(), 20, "the reload")
                 assert supervisor.restarts == 0 and supervisor.reloads_unanswered == 0 and supervisor._process is first
         finally:
             await speaker.stop()

@@ -24,7 +24,7 @@ from bgpd.cni import spec
 from bgpd.cni.handler import CNIHandler
 from bgpd.cni.server import CNIServer
 from bgpd.cni.shim import decode_response, encode_request
-from tests.unit.test_cni_shim import CONF, ROOT_ONLY, UNSHARE, plugins  # noqa: F401 - plugins is a fixture
+from tests.cnishim import CONF, ROOT_ONLY, UNSHARE
 
 # Run under ``unshare --net``: the daemon's server on @calico-py-cni, the shim run as a runtime runs it; prints
 # what the handler saw and what the shim printed, and whether every received descriptor was closed afterwards.
@@ -81,7 +81,7 @@ def through_daemon(plugin: Path, env: dict[str, str], stdin: bytes = CONF) -> di
 
 
 @ROOT_ONLY
-def test_the_descriptor_of_cni_netns_reaches_the_handler(plugins: Path) -> None:  # noqa: F811
+def test_the_descriptor_of_cni_netns_reaches_the_handler(plugins: Path) -> None:
     netns = "/proc/{daemon}/ns/net"  # a namespace path of a process the shim may open, as a runtime's is
     seen = through_daemon(plugins / "calico-py", {**ADD, "CNI_NETNS": netns})
     assert seen["plugin"] == "calico-py" and seen["env"]["CNI_NETNS"] == seen["path"] != netns
@@ -91,25 +91,25 @@ def test_the_descriptor_of_cni_netns_reaches_the_handler(plugins: Path) -> None:
 
 
 @ROOT_ONLY
-def test_a_netns_that_does_not_exist_comes_as_its_errno(plugins: Path) -> None:  # noqa: F811
+def test_a_netns_that_does_not_exist_comes_as_its_errno(plugins: Path) -> None:
     seen = through_daemon(plugins / "calico-py", {**ADD, "CNI_NETNS": "/run/netns/calico-py-no-such-pod"})
     assert (seen["fd"], seen["error"], seen["path"]) == (False, errno.ENOENT, "/run/netns/calico-py-no-such-pod")
 
 
 @ROOT_ONLY
-def test_no_netns_sends_no_descriptor(plugins: Path) -> None:  # noqa: F811
+def test_no_netns_sends_no_descriptor(plugins: Path) -> None:
     seen = through_daemon(plugins / "calico-py-ipam", {**ADD, "CNI_COMMAND": "DEL", "CNI_NETNS": ""})
     assert (seen["plugin"], seen["fd"], seen["error"], seen["path"]) == ("calico-py-ipam", False, 0, "")
 
 
 @ROOT_ONLY
-def test_a_file_that_is_no_namespace_goes_as_a_descriptor_the_daemon_can_tell(plugins: Path) -> None:  # noqa: F811
+def test_a_file_that_is_no_namespace_goes_as_a_descriptor_the_daemon_can_tell(plugins: Path) -> None:
     seen = through_daemon(plugins / "calico-py", {**ADD, "CNI_NETNS": "/dev/null"})
     assert seen["fd"] and seen["same_file"] and not seen["network_namespace"], seen
 
 
 @ROOT_ONLY
-def test_the_descriptor_rides_on_a_large_request_too(plugins: Path) -> None:  # noqa: F811
+def test_the_descriptor_rides_on_a_large_request_too(plugins: Path) -> None:
     stdin = b'{"pad": "' + b"x" * (2 << 20) + b'"}'  # beyond the socket buffers: sendmsg takes only a part
     seen = through_daemon(plugins / "calico-py", {**ADD, "CNI_NETNS": "/proc/{daemon}/ns/net"}, stdin)
     assert seen["fd"] and seen["same_file"] and seen["stdin_bytes"] == len(stdin), seen

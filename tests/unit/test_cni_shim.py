@@ -8,8 +8,6 @@ import asyncio
 import errno
 import json
 import os
-import shlex
-import shutil
 import socket
 import subprocess
 import sys
@@ -32,13 +30,8 @@ from bgpd.cni.shim import (
     exchange,
     version_answer,
 )
+from tests.cnishim import COMPILER, CONF, NO_COMPILER, ROOT_ONLY, UNSHARE
 
-UNSHARE = shutil.which("unshare") or "unshare"
-ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
-                               reason="needs root and util-linux unshare (SO_PEERCRED check, unshare --net)")
-COMPILER = shlex.split(os.environ.get("CC") or "cc")
-NO_COMPILER = pytest.mark.skipif(shutil.which(COMPILER[0]) is None, reason=f"no C compiler ({COMPILER[0]})")
-CONF = b'{"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "calico-py"}'
 NOT_RUNNING = {"cniVersion": "1.1.0", "code": 11,
                "msg": "calico-py node daemon is not running on this node; try again later",
                "details": "no listener on the abstract socket @calico-py-cni in this network namespace"}
@@ -223,18 +216,6 @@ def test_install_falls_back_to_python_without_a_compiler(tmp_path: Path, monkeyp
     for path in installed.paths:
         assert path.read_text().startswith("#!/opt/python3.11/bin/python3 -IS\n\"\"\"calico-py")
         assert os.access(path, os.X_OK)
-
-
-@pytest.fixture(scope="module", params=["c", "python"])
-def plugins(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CNI bin directory with calico-py and calico-py-ipam of one kind, installed as a node installs them."""
-    if request.param == "c" and shutil.which(COMPILER[0]) is None:
-        pytest.skip(f"no C compiler ({COMPILER[0]})")
-    dest = tmp_path_factory.mktemp(f"cni-{request.param}")
-    installed = install(dest, python=sys.executable, kind=request.param)
-    assert installed.kind == request.param
-    assert sorted(p.name for p in dest.iterdir()) == sorted(NAMES)
-    return dest
 
 
 # ---------------------------------------------------------------------------------------------- the shims

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from ipam import blocks, keys
@@ -104,59 +104,63 @@ def _block_shape_problems(block: Block) -> list[Problem]:
     return problems
 
 
-def check(state: IPAMState, known_nodes: Iterable[str] | None = None,
-          live_addresses: Iterable[IPAddress] | None = None) -> Report:
-    """Every inconsistency between blocks, handles and affinities. ``known_nodes``, when given, is the set of
-    nodes that exist (Calico Node resources, or the Kubernetes node list): blocks affine to others are reported.
-    ``live_addresses``, when given, is every address a workload uses (WorkloadEndpoints): any other allocation
-    that is not a tunnel address is reported as leaked."""
-    live = set(live_addresses) if live_addresses is not None else None
-    report = Report(state.revision, blocks=len(state.blocks), handles=len(state.handles),
-                    affinities=len(state.affinities))
-    problems = report.problems
-    nodes = set(known_nodes) if known_nodes is not None else None
-    held: dict[str, Counter[str]] = defaultdict(Counter)  # handle -> block cidr -> addresses held
+def _held(block: Block) -> Iterator[tuple[int, str]]:
+    """(ordinal, handle id) of each allocated address; a corrupt index is skipped (block-corrupt reports it)."""
+    for ordinal, index in enumerate(block.allocations):
+        if index is not None and index < len(block.attributes):
+            yield ordinal, block.attributes[index].handle_id
 
-    for cidr, (block, _) in sorted(state.blocks.items(), key=lambda item: _network_key(item[0])):
-        problems += _block_shape_problems(block)
-        pool = blocks.pool_of(cidr, state.pools)
-        if pool is None:
-            problems.append(Problem("block-outside-pools", f"block {cidr} lies in no IP pool", block=str(cidr)))
-        elif cidr.prefixlen != pool.block_size:
-            problems.append(Problem("block-wrong-size", f"block {cidr} is no block of pool {pool.name!r}, whose "
-                                    f"blockSize is {pool.block_size}: no address is allocated from it",
-                                    block=str(cidr)))
-        for ordinal, index in enumerate(block.allocations):
-            if index is None or index >= len(block.attributes):
-                continue
-            report.allocated += 1
-            handle_id = block.attributes[index].handle_id
-            ip = str(block.address(ordinal))
-            if not handle_id:
-                problems.append(Problem("ip-without-handle", f"{ip} is allocated with no handle",
-                                        block=str(cidr), ip=ip))
-                continue
-            held[handle_id][str(cidr)] += 1
-            if live is not None and not is_tunnel_handle(handle_id) and block.address(ordinal) not in live:
-                problems.append(Problem("leaked-ip", f"{ip} is allocated to {handle_id} but no workload uses it",
-                                        block=str(cidr), ip=ip, handle=handle_id))
-            if handle_id not in state.handles:
-                problems.append(Problem("ip-without-handle", f"{ip} is held by handle {handle_id}, which does "
-                                        "not exist", block=str(cidr), ip=ip, handle=handle_id))
-        host = block.host
-        if host is not None:
-            if not any(a.node == host and a.cidr == cidr for a, _ in state.affinities):
-                problems.append(Problem("block-without-affinity", f"block {cidr} names node {host} but that "
-                                        "node has no affinity for it", block=str(cidr), node=host))
-            if nodes is not None and host not in nodes:
-                problems.append(Problem("block-affine-to-missing-node", f"block {cidr} is affine to node {host}, "
-                                        "which no longer exists", block=str(cidr), node=host))
 
-    for first, second in blocks.overlapping(state.blocks):
-        problems.append(Problem("overlapping-blocks", f"blocks {first} and {second} overlap: an address "
-                                "could be allocated twice", block=str(second)))
+def _pool_problems(block: Block, pools: list[IPPool]) -> list[Problem]:
+    cidr = block.cidr
+    pool = blocks.pool_of(cidr, pools)
+    if pool is None:
+        return [Problem("block-outside-pools", f"block {cidr} lies in no IP pool", block=str(cidr))]
+    if cidr.prefixlen != pool.block_size:
+        return [Problem("block-wrong-size", f"block {cidr} is no block of pool {pool.name!r}, whose blockSize is "
+                        f"{pool.block_size}: no address is allocated from it", block=str(cidr))]
+    return []
 
-    for handle_id, (handle, _) in sorted(state.handles.items()):
+
+def _address_problems(block: Block, handles: Container[str], live: set[IPAddress] | None,
+                      held: dict[str, Counter[str]]) -> list[Problem]:
+    """Addresses with no handle, or a missing one, and (with ``live``) leaked ones; counts into ``held``."""
+    cidr = str(block.cidr)
+    problems = []
+    for ordinal, handle_id in _held(block):
+        address = block.address(ordinal)
+        ip = str(address)
+        if not handle_id:
+            problems.append(Problem("ip-without-handle", f"{ip} is allocated with no handle", block=cidr, ip=ip))
+            continue
+        held[handle_id][cidr] += 1
+        if live is not None and not is_tunnel_handle(handle_id) and address not in live:
+            problems.append(Problem("leaked-ip", f"{ip} is allocated to {handle_id} but no workload uses it",
+                                    block=cidr, ip=ip, handle=handle_id))
+        if handle_id not in handles:
+            problems.append(Problem("ip-without-handle", f"{ip} is held by handle {handle_id}, which does "
+                                    "not exist", block=cidr, ip=ip, handle=handle_id))
+    return problems
+
+
+def _block_host_problems(block: Block, affinities: list[tuple[BlockAffinity, int]],
+                         nodes: set[str] | None) -> list[Problem]:
+    cidr, host = block.cidr, block.host
+    if host is None:
+        return []
+    problems = []
+    if not any(a.node == host and a.cidr == cidr for a, _ in affinities):
+        problems.append(Problem("block-without-affinity", f"block {cidr} names node {host} but that "
+                                "node has no affinity for it", block=str(cidr), node=host))
+    if nodes is not None and host not in nodes:
+        problems.append(Problem("block-affine-to-missing-node", f"block {cidr} is affine to node {host}, "
+                                "which no longer exists", block=str(cidr), node=host))
+    return problems
+
+
+def _handle_problems(handles: dict[str, tuple[Handle, int]], held: dict[str, Counter[str]]) -> list[Problem]:
+    problems = []
+    for handle_id, (handle, _) in sorted(handles.items()):
         actual = held.get(handle_id, Counter())
         if not actual:
             problems.append(Problem("handle-without-ips", f"handle {handle_id} holds no address",
@@ -164,7 +168,11 @@ def check(state: IPAMState, known_nodes: Iterable[str] | None = None,
         elif dict(actual) != dict(handle.blocks):
             problems.append(Problem("handle-count-mismatch", f"handle {handle_id} counts {dict(handle.blocks)} "
                                     f"but the blocks hold {dict(actual)}", handle=handle_id))
+    return problems
 
+
+def _affinity_problems(state: IPAMState, nodes: set[str] | None) -> list[Problem]:
+    problems = []
     for affinity, _ in state.affinities:
         cidr = str(affinity.cidr)
         block = state.blocks.get(affinity.cidr)
@@ -180,6 +188,33 @@ def check(state: IPAMState, known_nodes: Iterable[str] | None = None,
         if nodes is not None and affinity.node not in nodes:
             problems.append(Problem("affinity-of-missing-node", f"node {affinity.node} no longer exists but has "
                                     f"an affinity for block {cidr}", block=cidr, node=affinity.node))
+    return problems
+
+
+def check(state: IPAMState, known_nodes: Iterable[str] | None = None,
+          live_addresses: Iterable[IPAddress] | None = None) -> Report:
+    """Every inconsistency between blocks, handles and affinities. ``known_nodes``, when given, is the set of
+    nodes that exist (Calico Node resources, or the Kubernetes node list): blocks affine to others are reported.
+    ``live_addresses``, when given, is every address a workload uses (WorkloadEndpoints): any other allocation
+    that is not a tunnel address is reported as leaked."""
+    live = set(live_addresses) if live_addresses is not None else None
+    report = Report(state.revision, blocks=len(state.blocks), handles=len(state.handles),
+                    affinities=len(state.affinities))
+    problems = report.problems
+    nodes = set(known_nodes) if known_nodes is not None else None
+    held: dict[str, Counter[str]] = defaultdict(Counter)  # handle -> block cidr -> addresses held
+
+    for _, (block, _) in sorted(state.blocks.items(), key=lambda item: _network_key(item[0])):
+        report.allocated += sum(1 for _ in _held(block))
+        problems += _block_shape_problems(block)
+        problems += _pool_problems(block, state.pools)
+        problems += _address_problems(block, state.handles, live, held)
+        problems += _block_host_problems(block, state.affinities, nodes)
+    for first, second in blocks.overlapping(state.blocks):
+        problems.append(Problem("overlapping-blocks", f"blocks {first} and {second} overlap: an address "
+                                "could be allocated twice", block=str(second)))
+    problems += _handle_problems(state.handles, held)
+    problems += _affinity_problems(state, nodes)
     return report
 
 
@@ -200,10 +235,7 @@ async def gc(ipam: IPAM, live_handles: Iterable[str], keep: Callable[[str], bool
     result = GCResult()
     leaked: dict[str | None, dict[IPAddress, int]] = defaultdict(dict)
     for block, _ in state.blocks.values():
-        for ordinal, index in enumerate(block.allocations):
-            if index is None or index >= len(block.attributes):
-                continue
-            handle_id = block.attributes[index].handle_id
+        for ordinal, handle_id in _held(block):
             if handle_id in live or (handle_id and keep(handle_id)):
                 continue
             leaked[handle_id][block.address(ordinal)] = block.sequence_number_for_allocation.get(ordinal, 0)

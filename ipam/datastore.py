@@ -28,7 +28,7 @@ import os
 import random
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -340,27 +340,20 @@ async def tls_problem(config: EtcdConfig, endpoint: str, details: str) -> str | 
     return None
 
 
-class Datastore:
-    """An etcd v3 client over a list of endpoints. Use as ``async with Datastore(config) as store``."""
+class _Members:
+    """The etcd members: a gRPC channel per endpoint, the one requests and watches go to, failover counts, and
+    whether etcd was found unreachable (the recovery listeners hear when it answers again)."""
 
     def __init__(self, config: EtcdConfig) -> None:
         self.config = config
-        self._current = 0
+        self.current = 0
+        self.failovers = 0
         self._channels: dict[int, grpc.aio.Channel] = {}
         self._credentials = self._load_credentials(config)
-        self.failovers = 0
-        self.requests = 0  # unary requests made (reads and transactions, each once whatever its retries)
-        self.request_errors = 0  # requests etcd failed or did not answer (each attempt; failover follows)
-        self.unavailable = 0  # requests given up on: no endpoint answered within the failover time
         # Set once a request gave up (DatastoreUnavailable); the next request that succeeds clears it and calls
         # the recovery listeners: state that could not be read during the outage is read again at once.
-        self._unreachable = False
-        self._recovery_listeners: list[Callable[[], None]] = []
-
-    def on_recovery(self, listener: Callable[[], None]) -> None:
-        """Call ``listener`` whenever etcd answers again after a request found it unreachable (or a watch found
-        no member to watch on)."""
-        self._recovery_listeners.append(listener)
+        self.unreachable = False
+        self.recovery_listeners: list[Callable[[], None]] = []
 
     @staticmethod
     def _load_credentials(config: EtcdConfig) -> grpc.ChannelCredentials | None:
@@ -378,26 +371,12 @@ class Datastore:
                                             private_key=read(config.key_file),
                                             certificate_chain=read(config.cert_file))
 
-    async def __aenter__(self) -> Datastore:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
     async def close(self) -> None:
         channels, self._channels = self._channels, {}
         for channel in channels.values():
             await channel.close()
 
-    @property
-    def endpoint(self) -> str:
-        """The endpoint requests currently go to."""
-        return self.config.endpoints[self._current]
-
-    def _stub(self, index: int) -> rpc.KVStub:
-        return rpc.KVStub(self._channel(index))
-
-    def _channel(self, index: int) -> grpc.aio.Channel:
+    def channel(self, index: int) -> grpc.aio.Channel:
         channel = self._channels.get(index)
         if channel is None:
             parts = urlsplit(self.config.endpoints[index])
@@ -409,6 +388,58 @@ class Datastore:
                 channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
             self._channels[index] = channel
         return channel
+
+    def fail_over(self, index: int) -> None:
+        """Endpoint ``index`` failed: move to the next one, unless another request moved on already."""
+        if self.current == index:
+            self.current = (index + 1) % len(self.config.endpoints)
+            self.failovers += 1
+
+    def answered(self, endpoint: str) -> None:
+        """etcd answered: if it was unreachable, tell the recovery listeners."""
+        if self.unreachable:
+            self.unreachable = False
+            log.info("etcd answers again at %s", endpoint)
+            for listener in self.recovery_listeners:
+                listener()
+
+
+class Datastore:
+    """An etcd v3 client over a list of endpoints. Use as ``async with Datastore(config) as store``."""
+
+    def __init__(self, config: EtcdConfig) -> None:
+        self.config = config
+        self._members = _Members(config)
+        self.requests = 0  # unary requests made (reads and transactions, each once whatever its retries)
+        self.request_errors = 0  # requests etcd failed or did not answer (each attempt; failover follows)
+        self.unavailable = 0  # requests given up on: no endpoint answered within the failover time
+
+    def on_recovery(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` whenever etcd answers again after a request found it unreachable (or a watch found
+        no member to watch on)."""
+        self._members.recovery_listeners.append(listener)
+
+    async def __aenter__(self) -> Datastore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._members.close()
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint requests currently go to."""
+        return self.config.endpoints[self._members.current]
+
+    @property
+    def failovers(self) -> int:
+        """How often requests or watches moved to the next endpoint."""
+        return self._members.failovers
+
+    def _stub(self, index: int) -> rpc.KVStub:
+        return rpc.KVStub(self._members.channel(index))
 
     def _failover_wait(self, state: RetryCallState) -> float:
         # Try the next member at once; back off (with jitter) only after a full round of members failed.
@@ -427,7 +458,7 @@ class Datastore:
         try:
             async for attempt in retrying:
                 with attempt:
-                    index = self._current
+                    index = self._members.current
                     try:
                         response = await self._stub(index).Txn(request, timeout=self.config.request_timeout,
                                                                metadata=_REQUIRE_LEADER)
@@ -444,26 +475,16 @@ class Datastore:
                             tls_failures[index] = problem
                             if len(tls_failures) == len(self.config.endpoints):
                                 raise DatastoreError(problem) from None
-                        if self._current == index:
-                            self._current = (index + 1) % len(self.config.endpoints)
-                            self.failovers += 1
+                        self._members.fail_over(index)
                         raise _Transient from None
         except _Transient:
-            self._unreachable = True
+            self._members.unreachable = True
             self.unavailable += 1
             raise DatastoreUnavailable(
                 f"etcd unreachable after {self.config.failover_timeout:g}s (last error {errors[-1]}); "
                 f"check ETCD_ENDPOINTS={','.join(self.config.endpoints)} and that etcd is running") from None
-        self._answered(self.config.endpoints[index])
+        self._members.answered(self.config.endpoints[index])
         return response, ambiguous
-
-    def _answered(self, endpoint: str) -> None:
-        """etcd answered: if it was unreachable, tell the recovery listeners."""
-        if self._unreachable:
-            self._unreachable = False
-            log.info("etcd answers again at %s", endpoint)
-            for listener in self._recovery_listeners:
-                listener()
 
     async def read(self, keys: Sequence[str] = (), prefixes: Sequence[str] = ()) -> Snapshot:
         """Read single keys and whole prefixes in one round trip, all at one revision."""
@@ -499,8 +520,8 @@ class Datastore:
             request_delete_range=rpc.DeleteRangeRequest(key=_b(prefix), range_end=prefix_end(prefix)))])
         await self._txn(request, mutation=True)
 
-    async def watch(self, prefixes: Sequence[str], start_revision: int | None = None,
-                    prev_kv: bool = False) -> AsyncIterator[WatchUpdate]:
+    def watch(self, prefixes: Sequence[str], start_revision: int | None = None,
+              prev_kv: bool = False) -> AsyncIterator[WatchUpdate]:
         """Every change under ``prefixes``, in revision order, for as long as the caller iterates.
 
         Without ``start_revision`` the first update is a resync (the prefixes listed at one revision) and events
@@ -509,65 +530,93 @@ class Datastore:
         each prefix (etcd keeps revisions across restarts), so no event is lost or delivered twice. When etcd has
         compacted that revision away, the update after the outage is a resync. Only a refusal that waiting cannot
         cure (a TLS problem, a request etcd rejects) raises :class:`DatastoreError`."""
-        prefixes = list(prefixes)
-        next_revision = dict.fromkeys(prefixes, start_revision or 0)
-        resync_needed = start_revision is None
-        failures = 0
+        return _PrefixWatch(self._members, self.read, prefixes, start_revision, prev_kv).updates()
+
+
+class _PrefixWatch:
+    """One watch of a few prefixes on one gRPC stream at a time, resumed on the next member when it breaks, from
+    the revision after the last event delivered per prefix; listed again when that revision is compacted."""
+
+    def __init__(self, members: _Members, read: Callable[..., Awaitable[Snapshot]], prefixes: Sequence[str],
+                 start_revision: int | None, prev_kv: bool) -> None:
+        self.members = members
+        self.config = members.config
+        self._read = read
+        self.prefixes = list(prefixes)
+        self.prev_kv = prev_kv
+        self.next_revision = dict.fromkeys(self.prefixes, start_revision or 0)
+        self.resync_needed = start_revision is None
+        self.failures = 0  # stream failures in a row
+
+    async def updates(self) -> AsyncIterator[WatchUpdate]:
         while True:
-            if resync_needed:
-                try:
-                    snapshot = await self.read(prefixes=prefixes)  # fails over and retries on its own
-                except DatastoreUnavailable as exc:
-                    log.warning("etcd watch of %s: listing postponed: %s", ", ".join(prefixes), exc)
+            if self.resync_needed:
+                snapshot = await self._list()
+                if snapshot is None:
                     continue
-                resync_needed = False
-                next_revision = dict.fromkeys(prefixes, snapshot.revision + 1)
                 yield WatchUpdate(snapshot.revision, resync=snapshot)
-            index = self._current
+            index = self.members.current
             endpoint = self.config.endpoints[index]
             try:
-                async with contextlib.aclosing(self._watch_stream(index, prefixes, next_revision, prev_kv)) as stream:
+                async with contextlib.aclosing(self._stream(index)) as stream:
                     async for update in stream:
                         if update is None:  # every prefix is watched again
-                            if failures:
-                                log.info("etcd watch resumed at %s", endpoint)
-                                self._answered(endpoint)
-                            failures = 0
+                            self._resumed(endpoint)
                             continue
                         yield update
             except _Compacted as exc:
-                log.info("etcd watch: %s; listing %s again", exc, ", ".join(prefixes))
-                resync_needed = True
+                log.info("etcd watch: %s; listing %s again", exc, ", ".join(self.prefixes))
+                self.resync_needed = True
             except _Transient as exc:
-                failures += 1
-                problem = await tls_problem(self.config, endpoint, str(exc))
-                if problem:
-                    raise DatastoreError(problem) from None
-                if failures == 1:
-                    log.warning("etcd watch lost at %s (%s): resuming where it was once etcd answers", endpoint,
-                                exc)
-                if failures >= len(self.config.endpoints):
-                    # No member answers: an outage as far as the recovery listeners go. A daemon whose only
-                    # requests are its watches repairs drift from the outage (a full reconcile) when it resumes.
-                    self._unreachable = True
-                if self._current == index:
-                    self._current = (index + 1) % len(self.config.endpoints)
-                    self.failovers += 1
-                if failures % len(self.config.endpoints) == 0:  # a whole round failed: wait a little
-                    rounds = failures // len(self.config.endpoints)
-                    await asyncio.sleep(random.uniform(0, min(WATCH_RETRY_MAX_SECONDS, 0.05 * 2**rounds)))
+                await self._lost(index, exc)
 
-    async def _watch_stream(self, index: int, prefixes: list[str], next_revision: dict[str, int],
-                            prev_kv: bool) -> AsyncIterator[WatchUpdate | None]:
+    async def _list(self) -> Snapshot | None:
+        """The prefixes at one revision, the watch to go on after it; None when etcd is unreachable."""
+        try:
+            snapshot = await self._read(prefixes=self.prefixes)  # fails over and retries on its own
+        except DatastoreUnavailable as exc:
+            log.warning("etcd watch of %s: listing postponed: %s", ", ".join(self.prefixes), exc)
+            return None
+        self.resync_needed = False
+        self.next_revision = dict.fromkeys(self.prefixes, snapshot.revision + 1)
+        return snapshot
+
+    def _resumed(self, endpoint: str) -> None:
+        if self.failures:
+            log.info("etcd watch resumed at %s", endpoint)
+            self.members.answered(endpoint)
+        self.failures = 0
+
+    async def _lost(self, index: int, exc: _Transient) -> None:
+        """The stream to member ``index`` broke: fail over, and after a whole round of members wait a little."""
+        endpoint = self.config.endpoints[index]
+        self.failures += 1
+        problem = await tls_problem(self.config, endpoint, str(exc))
+        if problem:
+            raise DatastoreError(problem) from None
+        if self.failures == 1:
+            log.warning("etcd watch lost at %s (%s): resuming where it was once etcd answers", endpoint, exc)
+        members = len(self.config.endpoints)
+        if self.failures >= members:
+            # No member answers: an outage as far as the recovery listeners go. A daemon whose only requests are
+            # its watches repairs drift from the outage (a full reconcile) when it resumes.
+            self.members.unreachable = True
+        self.members.fail_over(index)
+        if self.failures % members == 0:  # a whole round failed: wait a little
+            rounds = self.failures // members
+            await asyncio.sleep(random.uniform(0, min(WATCH_RETRY_MAX_SECONDS, 0.05 * 2**rounds)))
+
+    async def _stream(self, index: int) -> AsyncIterator[WatchUpdate | None]:
         """One watch stream to one member, a watcher per prefix from its ``next_revision`` (advanced here as events
         are delivered). Yields None once every watcher is created, then the events. Raises _Transient when the
         stream breaks, _Compacted when a revision asked for is gone."""
-        call = rpc.WatchStub(self._channel(index)).Watch(metadata=_REQUIRE_LEADER)
+        prefixes, next_revision = self.prefixes, self.next_revision
+        call = rpc.WatchStub(self.members.channel(index)).Watch(metadata=_REQUIRE_LEADER)
         try:
             for prefix in prefixes:
                 await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
                     key=_b(prefix), range_end=prefix_end(prefix), start_revision=next_revision[prefix],
-                    prev_kv=prev_kv)))
+                    prev_kv=self.prev_kv)))
             # etcd answers the create requests of one stream in order, each before any event of its watcher.
             creating = list(prefixes)
             watching: dict[int, str] = {}

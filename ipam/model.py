@@ -8,12 +8,14 @@ fields Calico added over time (unknown fields are kept where a round trip matter
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ipam.errors import InvalidResource
 from ipam.selector import SelectorError, parse_selector
+
+Bad = Callable[[str, str], InvalidResource]  # an InvalidResource naming the field and the reason
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -101,37 +103,15 @@ class IPPool:
         version = cidr.version
         if cidr.overlaps(LINK_LOCAL[version]):
             raise bad("spec.cidr", f"{cidr} overlaps the link-local range {LINK_LOCAL[version]}")
-        block_size = spec.get("blockSize", DEFAULT_BLOCK_SIZE[version])
-        low, high = BLOCK_SIZE_RANGE[version]
-        if not isinstance(block_size, int) or isinstance(block_size, bool) or not low <= block_size <= high:
-            raise bad("spec.blockSize", f"must be an integer from {low} to {high} for IPv{version}, got {block_size!r}")
-        if block_size < cidr.prefixlen:
-            raise bad("spec.blockSize", f"/{block_size} blocks do not fit in the /{cidr.prefixlen} pool "
-                                         f"(blockSize must be >= {cidr.prefixlen})")
-        modes = {}
-        for key in ("ipipMode", "vxlanMode"):
-            mode = spec.get(key, "Never")
-            if mode not in ENCAP_MODES:
-                raise bad(f"spec.{key}", f"must be one of {', '.join(ENCAP_MODES)}, got {mode!r}")
-            modes[key] = mode
-        if modes["ipipMode"] != "Never" and modes["vxlanMode"] != "Never":
-            raise bad("spec.ipipMode", "IPIP and VXLAN cannot both be enabled on one pool")
-        if version == 6 and modes["ipipMode"] != "Never":
-            raise bad("spec.ipipMode", "IPIP is IPv4 only")
+        block_size = _pool_block_size(spec, cidr, bad)
+        modes = _pool_modes(spec, version, bad)
         flags = {}
         for key in ("natOutgoing", "disabled", "disableBGPExport"):
             value = spec.get(key, False)
             if not isinstance(value, bool):
                 raise bad(f"spec.{key}", f"must be true or false, got {value!r}")
             flags[key] = value
-        selector = spec.get("nodeSelector", "all()") or "all()"
-        if not isinstance(selector, str):
-            raise bad("spec.nodeSelector", f"must be a selector string, got {selector!r}")
-        try:
-            if parse_selector(selector).is_global:
-                raise bad("spec.nodeSelector", "global() is not allowed in a pool's nodeSelector")
-        except SelectorError as exc:
-            raise bad("spec.nodeSelector", str(exc)) from None
+        selector = _pool_node_selector(spec, bad)
         uses = spec.get("allowedUses") or list(ALLOWED_USES)
         if not isinstance(uses, list) or not uses or any(use not in ALLOWED_USES for use in uses):
             raise bad("spec.allowedUses", f"must be a list drawn from {', '.join(ALLOWED_USES)}, got {uses!r}")
@@ -142,6 +122,44 @@ class IPPool:
             disabled=flags["disabled"], disable_bgp_export=flags["disableBGPExport"],
             allowed_uses=tuple(uses), metadata=metadata,
         )
+
+
+def _pool_block_size(spec: dict[str, Any], cidr: IPNetwork, bad: Bad) -> int:
+    version = cidr.version
+    block_size = spec.get("blockSize", DEFAULT_BLOCK_SIZE[version])
+    low, high = BLOCK_SIZE_RANGE[version]
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or not low <= block_size <= high:
+        raise bad("spec.blockSize", f"must be an integer from {low} to {high} for IPv{version}, got {block_size!r}")
+    if block_size < cidr.prefixlen:
+        raise bad("spec.blockSize", f"/{block_size} blocks do not fit in the /{cidr.prefixlen} pool "
+                                     f"(blockSize must be >= {cidr.prefixlen})")
+    return block_size
+
+
+def _pool_modes(spec: dict[str, Any], version: int, bad: Bad) -> dict[str, str]:
+    modes = {}
+    for key in ("ipipMode", "vxlanMode"):
+        mode = spec.get(key, "Never")
+        if mode not in ENCAP_MODES:
+            raise bad(f"spec.{key}", f"must be one of {', '.join(ENCAP_MODES)}, got {mode!r}")
+        modes[key] = mode
+    if modes["ipipMode"] != "Never" and modes["vxlanMode"] != "Never":
+        raise bad("spec.ipipMode", "IPIP and VXLAN cannot both be enabled on one pool")
+    if version == 6 and modes["ipipMode"] != "Never":
+        raise bad("spec.ipipMode", "IPIP is IPv4 only")
+    return modes
+
+
+def _pool_node_selector(spec: dict[str, Any], bad: Bad) -> str:
+    selector = spec.get("nodeSelector", "all()") or "all()"
+    if not isinstance(selector, str):
+        raise bad("spec.nodeSelector", f"must be a selector string, got {selector!r}")
+    try:
+        if parse_selector(selector).is_global:
+            raise bad("spec.nodeSelector", "global() is not allowed in a pool's nodeSelector")
+    except SelectorError as exc:
+        raise bad("spec.nodeSelector", str(exc)) from None
+    return selector
 
 
 def parse_cidr(value: Any, bad: Any, field_name: str) -> IPNetwork:

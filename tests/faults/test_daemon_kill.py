@@ -209,10 +209,10 @@ def test_daemon_sigkill_during_add_storm(lab: Deployer, pods: Pods, tmp_path: Pa
             left_at_crash.update(leftovers(handle, failed))
             fault_report.recovery_seconds.append(restart(handle))
 
-            if run % 3:  # kubelet: a DEL for every sandbox whose ADD failed
-                for cid, ns in failed:
-                    deleted = runtime.delete(cid, ns, pod=cid)
-                    assert deleted.rc == 0, deleted
+            if run % 3:  # kubelet: a DEL for every sandbox whose ADD failed, each from its own pod worker
+                with concurrent.futures.ThreadPoolExecutor(max_workers=len(failed)) as pool:
+                    deleted = list(pool.map(lambda sandbox: runtime.delete(*sandbox, pod=sandbox[0]), failed))
+                assert all(c.rc == 0 for c in deleted), [str(c) for c in deleted if c.rc]
                 cleaned_by_del += len(failed)
             else:  # a runtime that lost track of them: only its valid attachments, in a CNI GC
                 valid = [{"containerID": cid, "ifname": "eth0"} for cid in alive]
@@ -230,9 +230,15 @@ def test_daemon_sigkill_during_add_storm(lab: Deployer, pods: Pods, tmp_path: Pa
                 assert host_interface_name(POD_NAMESPACE, cid, cid) not in expected_routes.values()
                 pod_links = [link["ifname"] for link in json.loads(in_ns(ns, "ip", "-j", "link").stdout)]
                 assert pod_links == ["lo"], f"run {run}: failed ADD {cid} left {pod_links} in its pod"
-            assert cali_links(handle) == set(expected_routes.values()), f"run {run} (seed {SEED})"
-            assert host_routes(handle) == expected_routes, f"run {run} (seed {SEED})"
-            snapshot = ipam_snapshot(handle)
+            # What node1 and the datastore hold, and whether this run's pods reach node2, read side by side.
+            new = [p for p in alive.values() if p.container_id.startswith(f"k{run:02d}x")]
+            with concurrent.futures.ThreadPoolExecutor(max_workers=4 + len(new)) as pool:
+                links, routes = pool.submit(cali_links, handle), pool.submit(host_routes, handle)
+                snapshot_read, checked_read = pool.submit(ipam_snapshot, handle), pool.submit(ipam_check, handle)
+                reached = [(p, pool.submit(pod_ping, p.netns, peer, 30)) for p in new]
+            assert links.result() == set(expected_routes.values()), f"run {run} (seed {SEED})"
+            assert routes.result() == expected_routes, f"run {run} (seed {SEED})"
+            snapshot = snapshot_read.result()
             held = snapshot["held"]
             lost = [p.address for p in alive.values() if held.get(p.address) != [f"{NETWORK}.{p.container_id}"]]
             fault_report.allocations_lost = len(lost)
@@ -243,13 +249,9 @@ def test_daemon_sigkill_during_add_storm(lab: Deployer, pods: Pods, tmp_path: Pa
             endpoints = {(w["containerID"], w["interface"], tuple(w["ips"])) for w in snapshot["weps"]
                          if w["node"] == NODE}
             assert endpoints == {(p.container_id, p.host_if, (f"{p.address}/32",)) for p in alive.values()}
-            checked = ipam_check(handle)
+            checked = checked_read.result()
             assert checked.returncode == 0 and "Found 0 problems" in checked.stdout, checked.stdout
-            new = [p for p in alive.values() if p.container_id.startswith(f"k{run:02d}x")]
-            with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(new))) as pool:
-                unreachable = [p.container_id for p, ok in
-                               zip(new, pool.map(lambda p: pod_ping(p.netns, peer, timeout=30), new), strict=True)
-                               if not ok]
+            unreachable = [p.container_id for p, ok in reached if not ok.result()]
             assert not unreachable, f"run {run}: pods whose ADD succeeded cannot reach node2's pod: {unreachable}"
             fault_report.runs = run
 

@@ -14,9 +14,9 @@ from typing import Any
 from bgpd import desired, encap
 from bgpd.dataplane import routes
 from bgpd.encap import merge_routes
+from bgpd.loops import Backoff, guarded
 from bgpd.overlay import Overlay
 from bgpd.view import BLOCKS, ENDPOINTS, NodeView
-from ipam.errors import DatastoreUnavailable
 
 log = logging.getLogger("calico-py-node.reconcile")
 # After a failed run the next one comes sooner than the periodic one (first retry after RETRY_FIRST_SECONDS,
@@ -224,28 +224,22 @@ class RouteReconciler:
         return self.stats.last_changes
 
     async def run(self) -> None:
-        retry_in = RETRY_FIRST_SECONDS
+        backoff = Backoff(RETRY_FIRST_SECONDS, min(RETRY_MAX_SECONDS, self.interval))
         while True:
-            wait = self.interval
-            try:
-                # A full run, too, when the routes found at start stop being kept: those not relearned go.
-                if self._full_wanted or (self._retained and not self.keep_startup_routes()):
-                    await self.reconcile_once()
-                    self._periodic = False
-                else:
-                    await self.apply_route_changes()
-                retry_in = RETRY_FIRST_SECONDS
-            except Exception as exc:  # the datastore may be away: the kernel keeps what it has, the retry repairs
+            retry_in = await guarded(self._step, log, "reconcile", "kernel routes kept as they are", backoff)
+            if retry_in is not None:
                 self.stats.errors += 1
-                self._full_wanted = True
-                wait, retry_in = min(retry_in, self.interval), min(retry_in * 2, RETRY_MAX_SECONDS)
-                if isinstance(exc, DatastoreUnavailable):  # expected during an outage: one line, no traceback
-                    log.warning("reconcile postponed, kernel routes kept as they are: %s; next try in %gs", exc,
-                                wait)
-                else:
-                    log.exception("reconcile failed; next try in %gs", wait)
+                self._full_wanted = True  # the kernel keeps what it has; the retry repairs
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+                await asyncio.wait_for(self._wake.wait(), timeout=self.interval if retry_in is None else retry_in)
             except TimeoutError:
                 self._full_wanted = self._periodic = True  # the periodic run that repairs drift
             self._wake.clear()
+
+    async def _step(self) -> None:
+        # A full run, too, when the routes found at start stop being kept: those not relearned go.
+        if self._full_wanted or (self._retained and not self.keep_startup_routes()):
+            await self.reconcile_once()
+            self._periodic = False
+        else:
+            await self.apply_route_changes()

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bgpd.loops import Backoff, guarded
 from bgpd.speaker.exabgp import ExaBGP
 from bgpd.speaker.peers import MALFORMED, PoolFilter
 from bgpd.speaker.plan import plan_speaker, secret_refs
@@ -127,15 +128,12 @@ class BGPSync:
         """Sync at start, on every wake (the view changed) and every ``resync_interval`` seconds; every ``interval``
         seconds in between, only what time alone changes."""
         next_sync = 0.0
+        backoff = Backoff(self.interval, self.interval)
         while True:
             if self._wake.is_set() or time.monotonic() >= next_sync:
                 self._wake.clear()  # a wake from here on means another sync
-                next_sync = time.monotonic() + self.resync_interval
-                try:
-                    await self.sync_once()
-                except Exception:
-                    log.exception("bgp sync failed")
-                    next_sync = time.monotonic() + self.interval
+                retry_in = await guarded(self.sync_once, log, "bgp sync", "peers and announcements kept", backoff)
+                next_sync = time.monotonic() + (self.resync_interval if retry_in is None else retry_in)
             else:
                 self.speaker.expire_stale()
                 self.note_malformed()

@@ -28,3 +28,42 @@ class FakeKernel:
         self.routes -= set(diff.remove)
         self.routes |= set(diff.add)
         return []
+
+
+@dataclass
+class FakeOverlayKernel:
+    """Fakes :class:`bgpd.dataplane.overlay_kernel.OverlayKernel`: the VXLAN device, ``tunl0`` (``ipip`` False:
+    a kernel without the module) and the NAT table, recording each request."""
+
+    vtep: object | None = None
+    tunnel: object | None = None
+    entries: object | None = None
+    nat: str | None = None
+    ipip: bool = True
+    calls: list[str] = field(default_factory=list)
+
+    async def ensure_vtep(self, vtep: object) -> bool:
+        self.calls.append("ensure_vtep")
+        changed, self.vtep = vtep != self.vtep, vtep
+        return changed
+
+    async def remove_vtep(self) -> bool:
+        self.calls.append("remove_vtep")
+        had, self.vtep = self.vtep is not None, None
+        return had
+
+    async def ensure_tunnel(self, tunnel: object) -> None:
+        from bgpd.dataplane.ipip import IPIPUnavailable
+        self.calls.append("ensure_tunnel")
+        if not self.ipip:
+            raise IPIPUnavailable("no ipip module in this kernel")
+        self.tunnel = tunnel
+
+    async def apply_entries(self, state: object) -> list[str]:
+        self.calls.append("apply_entries")
+        self.entries = state
+        return []
+
+    async def apply_nat(self, script: str) -> None:
+        self.calls.append("apply_nat")
+        self.nat = script

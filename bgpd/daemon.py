@@ -30,6 +30,7 @@ from bgpd.cni.server import CNIServer
 from bgpd.config import Config, ConfigError
 from bgpd.dataplane.kernel import Netlink, interface_mtu
 from bgpd.dataplane.overlay_kernel import NetlinkOverlay
+from bgpd.dataplane.pod_kernel import NetlinkPods
 from bgpd.dataplane.routes import NetlinkRoutes
 from bgpd.health import HealthServer, Metrics, PeerHealth, Probe
 from bgpd.kube import Kube, KubeError, KubeNode
@@ -181,7 +182,7 @@ class NodeDaemon:
                                secrets_dir=Path(os.environ.get("CALICO_SECRETS_DIR", "/etc/calico-py/secrets")))
             self.keeper.subscribe(self.bgp.on_view_change)
         self.metrics = Metrics(self.snapshot)
-        self.handler = CNIHandler(self.ipam, config.nodename, self.netlink, self.pod_mtu,
+        self.handler = CNIHandler(self.ipam, config.nodename, NetlinkPods(self.netlink), self.pod_mtu,
                                   changed=self.reconciler.wake, pods=kube, observe=self.metrics.observe_cni,
                                   on_endpoint=self.keeper.local_endpoint)
         self.servers = (CNIServer(self.handler.handle), StatusServer(self.snapshot),

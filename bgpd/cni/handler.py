@@ -24,7 +24,7 @@ from bgpd.cni.addresses import DatastoreDown, PodAddresses
 from bgpd.cni.annotations import PodSource
 from bgpd.cni.spec import CNIError, Request, Result
 from bgpd.dataplane import workloads
-from bgpd.dataplane.kernel import Netlink
+from bgpd.dataplane.pod_kernel import PodKernel
 from bgpd.resources import WorkloadEndpoint, wep_key, wep_name
 from bgpd.store import delete_wep, list_node_weps, save_wep
 from ipam.allocator import IPAM
@@ -55,7 +55,7 @@ async def _all(steps: list[Awaitable[Any]]) -> list[Any]:
 
 
 class CNIHandler:
-    def __init__(self, ipam: IPAM, node: str, netlink: Netlink, default_mtu: Callable[[], int],
+    def __init__(self, ipam: IPAM, node: str, kernel: PodKernel, default_mtu: Callable[[], int],
                  changed: Callable[[], None] = lambda: None, pods: PodSource | None = None,
                  observe: Callable[[str, str, float], None] = lambda command, result, seconds: None,
                  on_endpoint: Callable[[str, WorkloadEndpoint | None], None] = lambda key, endpoint: None) -> None:
@@ -63,7 +63,7 @@ class CNIHandler:
         self.node = node
         self.addresses = PodAddresses(ipam, node, pods)
         self.observe = observe  # (command, "ok" | "error", seconds) of every request: metrics
-        self.netlink = netlink
+        self.kernel = kernel
         self.default_mtu = default_mtu  # the pod MTU when the network config gives none: underlay minus encap
         self.changed = changed  # wakes the reconciler (a new block may need its blackhole)
         # This node's endpoint written (None: deleted): the node's view knows before its watch event comes.
@@ -173,18 +173,18 @@ class CNIHandler:
         try:
             families = tuple(v for v, wanted in zip((4, 6), self.addresses.families(request), strict=True) if wanted)
             index, allocation = await _all([
-                self.netlink.run(lambda ipr: workloads.create_link(ipr, workload, families)),
+                self.kernel.create_link(workload, families),
                 self.addresses.allocate(request, also=record)])
             addresses = allocation.addresses
             workload = with_addresses(workload, addresses)
-            steps = [self.netlink.run(lambda _: workloads.configure_pod(workload))]
+            steps = [self.kernel.configure_pod(workload)]
             if not allocation.also_written:
                 wep = self._wep(request, workload)
                 steps.append(self.addresses.datastore(save_wep(self.ipam.store, wep)))
             await _all(steps)
             assert wep is not None
             self.on_endpoint(wep.key, wep)  # before the route: a reconcile keeps routes of known endpoints only
-            await self.netlink.run(lambda _: workloads.route_to_pod(workload, index))
+            await self.kernel.route_to_pod(workload, index)
         except BaseException as exc:
             await self._undo(workload, request, wep, datastore_down=isinstance(exc, DatastoreDown))
             if isinstance(exc, workloads.PlumbingError):
@@ -226,7 +226,7 @@ class CNIHandler:
                 log.warning("cni ADD %s: etcd still unreachable; handle %s released later by DEL or GC if any "
                             "of its writes landed", request.container_id, request.handle_id)
 
-        steps: list[Awaitable[Any]] = [self.netlink.run(lambda ipr: workloads.remove(ipr, workload.host_if)), forget()]
+        steps: list[Awaitable[Any]] = [self.kernel.remove(workload.host_if), forget()]
         for outcome in await asyncio.gather(*steps, return_exceptions=True):
             if isinstance(outcome, BaseException):
                 log.warning("cni ADD %s: cleaning up after the failure failed too: %s", request.container_id,
@@ -242,7 +242,7 @@ class CNIHandler:
         if wep is None or mine:
             host_if = wep.interface if wep is not None else workloads.host_interface_name(
                 request.pod_namespace, request.pod_name, request.container_id)
-            steps.append(self.netlink.run(lambda ipr: workloads.remove(ipr, host_if)))
+            steps.append(self.kernel.remove(host_if))
         if mine:
             steps.append(self.addresses.datastore(delete_wep(self.ipam.store, *self._wep_id(request))))
         await _all(steps)
@@ -263,7 +263,7 @@ class CNIHandler:
                                       sandbox=request.netns,
                                       addresses=tuple(ipaddress.ip_interface(n) for n in wep.ip_networks),
                                       mtu=self.default_mtu())
-        problems = await self.netlink.run(lambda ipr: workloads.check(ipr, workload))
+        problems = await self.kernel.check(workload)
         if problems:
             raise CNIError(spec.IO_FAILURE, "; ".join(problems))
 
@@ -274,7 +274,7 @@ class CNIHandler:
         for wep in await self.addresses.datastore(list_node_weps(self.ipam.store, self.node)):
             handle = f"{request.network}.{wep.container_id}"
             if handle not in valid:
-                await self.netlink.run(lambda ipr, name=wep.interface: workloads.remove(ipr, name))
+                await self.kernel.remove(wep.interface)
                 await self.addresses.datastore(self.ipam.release_by_handle(handle))
                 await self.addresses.datastore(delete_wep(self.ipam.store, wep.namespace, wep.name))
         # Addresses with no endpoint (an ADD or DEL cut short by a crash) are the network's too.

@@ -166,11 +166,8 @@ class NodeDaemon:
         self.keeper = ViewKeeper(store, config.nodename, wants_blocks=lambda view: self.overlay is not None
                                  and encap.vxlan_wanted(view.pools))
         self.bgp: BGPSync | None = None
-        self.reconciler = RouteReconciler(
-            self.keeper.view, NetlinkRoutes(self.netlink), config.nodename, config.reconcile_interval,
-            overlay=self.overlay, learned=lambda: self.bgp.learned() if self.bgp else {},
-            learned_changes=lambda: self.bgp.learned_changes() if self.bgp else {},
-            keep_startup_routes=lambda: self.bgp.speaker.keeps_startup_routes() if self.bgp else False)
+        self.reconciler = RouteReconciler(self.keeper.view, NetlinkRoutes(self.netlink), config.nodename,
+                                          config.reconcile_interval, overlay=self.overlay)
         # Drift while etcd was away (a route deleted by hand) waits for no periodic run.
         store.on_recovery(self.reconciler.wake)
         if config.networking_backend == "bird" and (address is not None or address6 is not None):
@@ -180,6 +177,7 @@ class NodeDaemon:
                              listen=tuple(str(a.ip) for a in (address, address6) if a is not None))
             self.bgp = BGPSync(self.keeper.view, speaker,
                                secrets_dir=Path(os.environ.get("CALICO_SECRETS_DIR", "/etc/calico-py/secrets")))
+            self.reconciler.feed = speaker.rib
             self.keeper.subscribe(self.bgp.on_view_change)
         self.metrics = Metrics(self.snapshot)
         self.handler = CNIHandler(self.ipam, config.nodename, NetlinkPods(self.netlink), self.pod_mtu,

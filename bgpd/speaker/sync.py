@@ -19,7 +19,7 @@ from bgpd.loops import Backoff, guarded
 from bgpd.speaker.exabgp import ExaBGP
 from bgpd.speaker.peers import MALFORMED, PoolFilter
 from bgpd.speaker.plan import plan_speaker, secret_refs
-from bgpd.speaker.rib import Routes, Session
+from bgpd.speaker.rib import Session
 from bgpd.view import BLOCKS, NodeView
 
 log = logging.getLogger("calico-py-node.bgp")
@@ -59,17 +59,6 @@ class BGPSync:
     def rejected_total(self) -> dict[tuple[str, str], int]:
         """(peer, reason) -> paths refused since start."""
         return self.speaker.rib.rejected_total
-
-    def learned(self) -> Routes:
-        """Routes from peers (prefix -> next hops of the accepted paths), as the import filter lets them through
-        (:class:`PoolFilter`): a peer cannot inject a default route, a node address or part of another node's
-        block."""
-        return self.speaker.learned()
-
-    def learned_changes(self) -> Routes:
-        """The same for the prefixes changed since the last call; a prefix no accepted path offers has no next
-        hop (withdrawn)."""
-        return self.speaker.learned_changes()
 
     def note_malformed(self) -> None:
         """Count sessions ExaBGP closed because the peer sent an UPDATE it could not parse (its NOTIFICATION says

@@ -130,7 +130,7 @@ async def register(store: Datastore, config: Config, address: ipaddress.IPv4Inte
                    address6: ipaddress.IPv6Interface | None, kube_node: KubeNode | None) -> Config:
     """This node's Node resource (our fields set, the rest kept) and the default pools; the settings as the
     Kubernetes Node's labels and annotations complete them."""
-    existing = await store.get(keys.resource_key("nodes", config.nodename))
+    existing = await store.get(keys.resource_key(keys.NODES, config.nodename))
     settings = node_settings(kube_node.labels if kube_node else {}, kube_node.annotations if kube_node else {},
                              config.labels, config.as_number, config.rr_cluster_id)
     for problem in settings.problems:

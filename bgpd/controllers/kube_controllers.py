@@ -76,7 +76,7 @@ class Controller:
         # IPAM first, Kubernetes second: a pod exists before its CNI ADD allocates, so every allocation read here
         # has its pod in the lists read after (no pod looks missing for having been created mid-round).
         state = await load_state(self.ipam.store)
-        endpoint_kvs = await self.ipam.store.get_prefix(keys.resource_prefix("workloadendpoints"))
+        endpoint_kvs = await self.ipam.store.get_prefix(keys.resource_prefix(keys.WORKLOAD_ENDPOINTS))
         pods, nodes = await asyncio.gather(asyncio.to_thread(self.kube.list_pods),
                                            asyncio.to_thread(self.kube.list_nodes))
         return Observed(

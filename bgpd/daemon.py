@@ -276,9 +276,7 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None, kube: Kub
 
 def main() -> int:
     env = dict(os.environ)
-    problem = logs.setup(env)
-    if problem:
-        log.warning("%s", problem)
+    logs.start(env, log)
     try:
         config = Config.from_env(env)
         kube = Kube.from_env(env)  # None outside a cluster (no KUBECONFIG, not in a pod)

@@ -164,9 +164,7 @@ async def serve(settings: Settings, kube: Kube, etcd: EtcdConfig) -> None:
 
 def main() -> int:
     env = dict(os.environ)
-    problem = logs.setup(env)
-    if problem:
-        log.warning("%s", problem)
+    logs.start(env, log)
     try:
         settings = Settings.from_env(env)
         kube = Kube.from_env(env)

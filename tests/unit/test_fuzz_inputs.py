@@ -11,7 +11,7 @@ import json
 import os
 import string
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -188,8 +188,13 @@ yaml_texts = (documents.map(lambda d: json.dumps(d)) | json_values.map(json.dump
 @example("kind: IPPoolList\nitems: 5\n")
 @example("kind: BGPPeerList\nitems: {a: 1}\n")
 def test_calicoctl_reads_any_file_into_documents_or_one_clean_error(text: str) -> None:
+    documents_or_one_clean_error(io.StringIO(text))
+
+
+def documents_or_one_clean_error(stdin: TextIO) -> None:
+    """Every document of ``stdin`` validated, or one clean line for the whole file or each document."""
     try:
-        for label, document in read_documents("-", io.StringIO(text)):
+        for label, document in read_documents("-", stdin):
             try:
                 normalise(label, document)
             except UserError as exc:
@@ -203,14 +208,7 @@ def test_calicoctl_reads_any_file_into_documents_or_one_clean_error(text: str) -
 @example(b"\x1f\x8b\x08\x00 gzip")
 @example(b"kind: IPPool\nmetadata: {name: \xff}\n")
 def test_calicoctl_reads_any_bytes_into_documents_or_one_clean_error(data: bytes) -> None:
-    try:
-        for label, document in read_documents("-", io.TextIOWrapper(io.BytesIO(data))):
-            try:
-                normalise(label, document)
-            except UserError as exc:
-                one_clean_line(exc)
-    except UserError as exc:
-        one_clean_line(exc)
+    documents_or_one_clean_error(io.TextIOWrapper(io.BytesIO(data)))
 
 
 argv_words = st.sampled_from(["apply", "create", "get", "delete", "ipam", "show", "check", "release", "configure",

@@ -186,6 +186,7 @@ class NodeDaemon:
         self.servers = (CNIServer(self.handler.handle), StatusServer(self.snapshot),
                         HealthServer(config.health_host, config.health_port, self.probe, self.metrics))
         self.tasks: list[asyncio.Task[None]] = []
+        self._datastore_check: asyncio.Task[Any] | None = None  # the readiness probe's read of etcd
         self.started, self.started_wall = time.monotonic(), time.time()
 
     def pod_mtu(self) -> int:
@@ -228,6 +229,21 @@ class NodeDaemon:
             await self.bgp.speaker.stop()
         self.netlink.close()
 
+    async def _datastore_answers(self) -> bool:
+        """Whether etcd answers a read within the probe's time. The read outlives a probe that gives up on it, so
+        it can fail over to another member (a frozen one answers nothing; in steady state no other request of the
+        daemon would move it on)."""
+        check = self._datastore_check
+        if check is None or check.done():
+            if check is not None and not check.cancelled():
+                check.exception()  # retrieved: a failure was this probe's answer already
+            check = self._datastore_check = asyncio.create_task(self.store.get(keys.IPAM_CONFIG))
+        try:
+            await asyncio.wait_for(asyncio.shield(check), timeout=HEALTH_READ_TIMEOUT)
+        except Exception:  # unreachable, timed out: not ready, whatever the cause
+            return False
+        return True
+
     def snapshot(self) -> dict[str, Any]:
         """What ``calicoctl-py node status`` and /metrics show."""
         bgp, store = self.bgp, self.store
@@ -246,11 +262,7 @@ class NodeDaemon:
                 "logs": [p for p in (os.environ.get("CALICO_LOG_FILE"),) if p]}
 
     async def probe(self) -> Probe:
-        try:
-            await asyncio.wait_for(self.store.get(keys.IPAM_CONFIG), timeout=HEALTH_READ_TIMEOUT)
-            datastore_ok = True
-        except Exception:  # unreachable, timed out: not ready, whatever the cause
-            datastore_ok = False
+        datastore_ok = await self._datastore_answers()
         now, bgp = time.time(), self.bgp
         peers = tuple(PeerHealth(a, p.state == "up", now - max(p.since, self.started_wall))
                       for a, p in bgp.speaker.peers.items()) if bgp else ()

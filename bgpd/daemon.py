@@ -30,6 +30,7 @@ from bgpd.cni.server import CNIServer
 from bgpd.config import Config, ConfigError
 from bgpd.dataplane.kernel import Netlink, interface_mtu
 from bgpd.dataplane.overlay_kernel import NetlinkOverlay
+from bgpd.dataplane.pod_kernel import NetlinkPods
 from bgpd.dataplane.routes import NetlinkRoutes
 from bgpd.health import HealthServer, Metrics, PeerHealth, Probe
 from bgpd.kube import Kube, KubeError, KubeNode
@@ -129,7 +130,7 @@ async def register(store: Datastore, config: Config, address: ipaddress.IPv4Inte
                    address6: ipaddress.IPv6Interface | None, kube_node: KubeNode | None) -> Config:
     """This node's Node resource (our fields set, the rest kept) and the default pools; the settings as the
     Kubernetes Node's labels and annotations complete them."""
-    existing = await store.get(keys.resource_key("nodes", config.nodename))
+    existing = await store.get(keys.resource_key(keys.NODES, config.nodename))
     settings = node_settings(kube_node.labels if kube_node else {}, kube_node.annotations if kube_node else {},
                              config.labels, config.as_number, config.rr_cluster_id)
     for problem in settings.problems:
@@ -165,11 +166,8 @@ class NodeDaemon:
         self.keeper = ViewKeeper(store, config.nodename, wants_blocks=lambda view: self.overlay is not None
                                  and encap.vxlan_wanted(view.pools))
         self.bgp: BGPSync | None = None
-        self.reconciler = RouteReconciler(
-            self.keeper.view, NetlinkRoutes(self.netlink), config.nodename, config.reconcile_interval,
-            overlay=self.overlay, learned=lambda: self.bgp.learned() if self.bgp else {},
-            learned_changes=lambda: self.bgp.learned_changes() if self.bgp else {},
-            keep_startup_routes=lambda: self.bgp.speaker.keeps_startup_routes() if self.bgp else False)
+        self.reconciler = RouteReconciler(self.keeper.view, NetlinkRoutes(self.netlink), config.nodename,
+                                          config.reconcile_interval, overlay=self.overlay)
         # Drift while etcd was away (a route deleted by hand) waits for no periodic run.
         store.on_recovery(self.reconciler.wake)
         if config.networking_backend == "bird" and (address is not None or address6 is not None):
@@ -179,14 +177,16 @@ class NodeDaemon:
                              listen=tuple(str(a.ip) for a in (address, address6) if a is not None))
             self.bgp = BGPSync(self.keeper.view, speaker,
                                secrets_dir=Path(os.environ.get("CALICO_SECRETS_DIR", "/etc/calico-py/secrets")))
+            self.reconciler.feed = speaker.rib
             self.keeper.subscribe(self.bgp.on_view_change)
         self.metrics = Metrics(self.snapshot)
-        self.handler = CNIHandler(self.ipam, config.nodename, self.netlink, self.pod_mtu,
+        self.handler = CNIHandler(self.ipam, config.nodename, NetlinkPods(self.netlink), self.pod_mtu,
                                   changed=self.reconciler.wake, pods=kube, observe=self.metrics.observe_cni,
                                   on_endpoint=self.keeper.local_endpoint)
         self.servers = (CNIServer(self.handler.handle), StatusServer(self.snapshot),
                         HealthServer(config.health_host, config.health_port, self.probe, self.metrics))
         self.tasks: list[asyncio.Task[None]] = []
+        self._datastore_check: asyncio.Task[Any] | None = None  # the readiness probe's read of etcd
         self.started, self.started_wall = time.monotonic(), time.time()
 
     def pod_mtu(self) -> int:
@@ -229,6 +229,21 @@ class NodeDaemon:
             await self.bgp.speaker.stop()
         self.netlink.close()
 
+    async def _datastore_answers(self) -> bool:
+        """Whether etcd answers a read within the probe's time. The read outlives a probe that gives up on it, so
+        it can fail over to another member (a frozen one answers nothing; in steady state no other request of the
+        daemon would move it on)."""
+        check = self._datastore_check
+        if check is None or check.done():
+            if check is not None and not check.cancelled():
+                check.exception()  # retrieved: a failure was this probe's answer already
+            check = self._datastore_check = asyncio.create_task(self.store.get(keys.IPAM_CONFIG))
+        try:
+            await asyncio.wait_for(asyncio.shield(check), timeout=HEALTH_READ_TIMEOUT)
+        except Exception:  # unreachable, timed out: not ready, whatever the cause
+            return False
+        return True
+
     def snapshot(self) -> dict[str, Any]:
         """What ``calicoctl-py node status`` and /metrics show."""
         bgp, store = self.bgp, self.store
@@ -247,11 +262,7 @@ class NodeDaemon:
                 "logs": [p for p in (os.environ.get("CALICO_LOG_FILE"),) if p]}
 
     async def probe(self) -> Probe:
-        try:
-            await asyncio.wait_for(self.store.get(keys.IPAM_CONFIG), timeout=HEALTH_READ_TIMEOUT)
-            datastore_ok = True
-        except Exception:  # unreachable, timed out: not ready, whatever the cause
-            datastore_ok = False
+        datastore_ok = await self._datastore_answers()
         now, bgp = time.time(), self.bgp
         peers = tuple(PeerHealth(a, p.state == "up", now - max(p.since, self.started_wall))
                       for a, p in bgp.speaker.peers.items()) if bgp else ()
@@ -277,9 +288,7 @@ async def run(config: Config, address: ipaddress.IPv4Interface | None, kube: Kub
 
 def main() -> int:
     env = dict(os.environ)
-    problem = logs.setup(env)
-    if problem:
-        log.warning("%s", problem)
+    logs.start(env, log)
     try:
         config = Config.from_env(env)
         kube = Kube.from_env(env)  # None outside a cluster (no KUBECONFIG, not in a pod)

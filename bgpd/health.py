@@ -68,66 +68,77 @@ class DaemonCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self.snapshot()
-        sessions = GaugeMetricFamily("calico_py_bgp_sessions", "BGP peers by session state", labels=["state"])
-        up = GaugeMetricFamily("calico_py_bgp_peer_up", "1 when the session to the peer is Established",
-                               labels=["peer", "type"])
-        learned = GaugeMetricFamily("calico_py_bgp_routes_learned", "Prefixes in the peer's table",
-                                    labels=["peer"])
-        rejected = CounterMetricFamily("calico_py_bgp_routes_rejected", "Routes from the peer the import filter "
-                                       "refused, by reason", labels=["peer", "reason"])
-        states: dict[str, int] = {}
-        for peer in s.get("peers", []):
-            state = "established" if peer["state"] == "up" else "active"
-            states[state] = states.get(state, 0) + 1
-            up.add_metric([peer["address"], peer["type"]], 1.0 if peer["state"] == "up" else 0.0)
-            learned.add_metric([peer["address"]], float(peer.get("learned", 0)))
-            for reason, count in sorted((peer.get("rejected") or {}).items()):
-                rejected.add_metric([peer["address"], reason], float(count))
-        for state in ("established", "active"):
-            sessions.add_metric([state], float(states.get(state, 0)))
-        yield from (sessions, up, learned, rejected)
-        yield GaugeMetricFamily("calico_py_bgp_routes_advertised", "Prefixes this node announces",
-                                value=float(s.get("advertised", 0)))
-        kernel = GaugeMetricFamily("calico_py_kernel_routes", "Routes of ours in the kernel, by type, as of the "
-                                   "last reconcile (full, or the BGP fast path)", labels=["type"])
-        for kind in ("blackhole", "workload", "remote", "tunnel"):
-            kernel.add_metric([kind], float(s["reconcile"].get("by_type", {}).get(kind, 0)))
-        yield kernel
-        yield GaugeMetricFamily("calico_py_workloads", "Local workload endpoints", value=float(s["workloads"]))
-        runs = CounterMetricFamily("calico_py_reconcile_runs", "Reconcile runs", labels=["kind"])
-        runs.add_metric(["full"], float(s["reconcile"]["runs"]))
-        runs.add_metric(["fast"], float(s["reconcile"]["fast_runs"]))
-        yield runs
-        yield CounterMetricFamily("calico_py_reconcile_errors", "Failed reconcile runs and route changes",
-                                  value=float(s["reconcile"]["errors"]))
-        yield GaugeMetricFamily("calico_py_reconcile_last_duration_seconds", "Duration of the last full reconcile",
-                                value=float(s["reconcile"]["last_seconds"]))
-        ipam = s.get("ipam", {})
-        for name, key, text in (("allocations", "allocations", "Addresses allocated"),
-                                ("releases", "releases", "Addresses released"),
-                                ("conflicts", "conflicts", "IPAM writes retried after a concurrent change"),
-                                ("blocks_claimed", "blocks_claimed", "Blocks claimed by this node")):
-            yield CounterMetricFamily(f"calico_py_ipam_{name}", text, value=float(ipam.get(key, 0)))
-        yield CounterMetricFamily("calico_py_datastore_failovers", "Switches to another etcd endpoint",
-                                  value=float(s["datastore"]["failovers"]))
-        yield CounterMetricFamily("calico_py_datastore_errors", "etcd requests that failed or got no answer (each "
-                                  "attempt)", value=float(s["datastore"].get("errors", 0)))
-        yield CounterMetricFamily("calico_py_datastore_unavailable", "etcd requests given up on: no endpoint "
-                                  "answered within the failover time",
-                                  value=float(s["datastore"].get("unavailable", 0)))
-        exabgp = s.get("exabgp", {})
-        yield CounterMetricFamily("calico_py_exabgp_restarts", "ExaBGP restarts",
-                                  value=float(exabgp.get("restarts", 0)))
-        yield CounterMetricFamily("calico_py_exabgp_reloads", "ExaBGP configuration reloads",
-                                  value=float(exabgp.get("reloads", 0)))
-        yield CounterMetricFamily("calico_py_exabgp_reloads_unanswered", "Reload signals ExaBGP dropped, each sent "
-                                  "again (after 3 in a row ExaBGP is restarted)",
-                                  value=float(exabgp.get("reloads_unanswered", 0)))
-        malformed = CounterMetricFamily("calico_py_bgp_routes_malformed", "Routes from the peer withdrawn because "
-                                        "their path attributes were malformed (RFC 7606)", labels=["peer"])
-        for peer, count in sorted((exabgp.get("malformed") or {}).items()):
-            malformed.add_metric([peer], float(count))
-        yield malformed
+        yield from _bgp_metrics(s)
+        yield from _reconcile_metrics(s)
+        yield from _datastore_metrics(s)
+        yield from _exabgp_metrics(s.get("exabgp", {}))
+
+
+def _bgp_metrics(s: dict) -> Iterator[Metric]:
+    sessions = GaugeMetricFamily("calico_py_bgp_sessions", "BGP peers by session state", labels=["state"])
+    up = GaugeMetricFamily("calico_py_bgp_peer_up", "1 when the session to the peer is Established",
+                           labels=["peer", "type"])
+    learned = GaugeMetricFamily("calico_py_bgp_routes_learned", "Prefixes in the peer's table", labels=["peer"])
+    rejected = CounterMetricFamily("calico_py_bgp_routes_rejected", "Routes from the peer the import filter "
+                                   "refused, by reason", labels=["peer", "reason"])
+    states: dict[str, int] = {}
+    for peer in s.get("peers", []):
+        state = "established" if peer["state"] == "up" else "active"
+        states[state] = states.get(state, 0) + 1
+        up.add_metric([peer["address"], peer["type"]], 1.0 if peer["state"] == "up" else 0.0)
+        learned.add_metric([peer["address"]], float(peer.get("learned", 0)))
+        for reason, count in sorted((peer.get("rejected") or {}).items()):
+            rejected.add_metric([peer["address"], reason], float(count))
+    for state in ("established", "active"):
+        sessions.add_metric([state], float(states.get(state, 0)))
+    yield from (sessions, up, learned, rejected)
+    yield GaugeMetricFamily("calico_py_bgp_routes_advertised", "Prefixes this node announces",
+                            value=float(s.get("advertised", 0)))
+
+
+def _reconcile_metrics(s: dict) -> Iterator[Metric]:
+    kernel = GaugeMetricFamily("calico_py_kernel_routes", "Routes of ours in the kernel, by type, as of the "
+                               "last reconcile (full, or the BGP fast path)", labels=["type"])
+    for kind in ("blackhole", "workload", "remote", "tunnel"):
+        kernel.add_metric([kind], float(s["reconcile"].get("by_type", {}).get(kind, 0)))
+    yield kernel
+    yield GaugeMetricFamily("calico_py_workloads", "Local workload endpoints", value=float(s["workloads"]))
+    runs = CounterMetricFamily("calico_py_reconcile_runs", "Reconcile runs", labels=["kind"])
+    runs.add_metric(["full"], float(s["reconcile"]["runs"]))
+    runs.add_metric(["fast"], float(s["reconcile"]["fast_runs"]))
+    yield runs
+    yield CounterMetricFamily("calico_py_reconcile_errors", "Failed reconcile runs and route changes",
+                              value=float(s["reconcile"]["errors"]))
+    yield GaugeMetricFamily("calico_py_reconcile_last_duration_seconds", "Duration of the last full reconcile",
+                            value=float(s["reconcile"]["last_seconds"]))
+
+
+def _datastore_metrics(s: dict) -> Iterator[Metric]:
+    ipam = s.get("ipam", {})
+    for name, text in (("allocations", "Addresses allocated"), ("releases", "Addresses released"),
+                       ("conflicts", "IPAM writes retried after a concurrent change"),
+                       ("blocks_claimed", "Blocks claimed by this node")):
+        yield CounterMetricFamily(f"calico_py_ipam_{name}", text, value=float(ipam.get(name, 0)))
+    yield CounterMetricFamily("calico_py_datastore_failovers", "Switches to another etcd endpoint",
+                              value=float(s["datastore"]["failovers"]))
+    yield CounterMetricFamily("calico_py_datastore_errors", "etcd requests that failed or got no answer (each "
+                              "attempt)", value=float(s["datastore"].get("errors", 0)))
+    yield CounterMetricFamily("calico_py_datastore_unavailable", "etcd requests given up on: no endpoint "
+                              "answered within the failover time", value=float(s["datastore"].get("unavailable", 0)))
+
+
+def _exabgp_metrics(exabgp: dict) -> Iterator[Metric]:
+    yield CounterMetricFamily("calico_py_exabgp_restarts", "ExaBGP restarts", value=float(exabgp.get("restarts", 0)))
+    yield CounterMetricFamily("calico_py_exabgp_reloads", "ExaBGP configuration reloads",
+                              value=float(exabgp.get("reloads", 0)))
+    yield CounterMetricFamily("calico_py_exabgp_reloads_unanswered", "Reload signals ExaBGP dropped, each sent "
+                              "again (after 3 in a row ExaBGP is restarted)",
+                              value=float(exabgp.get("reloads_unanswered", 0)))
+    malformed = CounterMetricFamily("calico_py_bgp_routes_malformed", "Routes from the peer withdrawn because "
+                                    "their path attributes were malformed (RFC 7606)", labels=["peer"])
+    for peer, count in sorted((exabgp.get("malformed") or {}).items()):
+        malformed.add_metric([peer], float(count))
+    yield malformed
 
 
 class Metrics:

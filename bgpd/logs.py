@@ -35,3 +35,10 @@ def setup(env: Mapping[str, str]) -> str | None:
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     return problem
+
+
+def start(env: Mapping[str, str], log: logging.Logger) -> None:
+    """A process's logging from its environment; a bad setting is said once, on ``log``, and defaults are used."""
+    problem = setup(env)
+    if problem:
+        log.warning("%s", problem)

@@ -88,7 +88,7 @@ class Overlay:
     async def _record(self, change: TunnelAddressChange, address: str | None) -> int:
         """Set (None: remove) the fields of this node's Node spec that record a tunnel address, on what is stored
         now (another field may have just been written)."""
-        kv = await self.store.get(keys.resource_key("nodes", self.node))
+        kv = await self.store.get(keys.resource_key(keys.NODES, self.node))
         resource = kv.json() if kv is not None else {}
         fields = change.node_fields(self.node, resource, address)
         spec = {k: v for k, v in {**(resource.get("spec") or {}), **fields}.items() if v is not None}

@@ -9,14 +9,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from bgpd import desired, encap
 from bgpd.dataplane import routes
 from bgpd.encap import merge_routes
+from bgpd.loops import Backoff, guarded
 from bgpd.overlay import Overlay
 from bgpd.view import BLOCKS, ENDPOINTS, NodeView
-from ipam.errors import DatastoreUnavailable
 
 log = logging.getLogger("calico-py-node.reconcile")
 # After a failed run the next one comes sooner than the periodic one (first retry after RETRY_FIRST_SECONDS,
@@ -55,6 +55,32 @@ def route_type(route: desired.RouteSpec) -> str:
 Learned = dict[str, tuple[str, ...]]  # BGP routes: prefix -> next hops, already filtered to the pools
 
 
+class RouteFeed(Protocol):
+    """Where BGP's routes come from (:class:`bgpd.speaker.rib.Rib`)."""
+
+    def learned(self) -> Learned: ...  # every route
+
+    def changes(self) -> Learned: ...  # the prefixes changed since the last call (no next hop: withdrawn)
+
+    def keeps_startup_routes(self, now: float) -> bool: ...  # a restart: BGP has not relearned its routes yet
+
+
+class _NoRoutes:
+    """The feed of a node without BGP."""
+
+    def learned(self) -> Learned:
+        return {}
+
+    def changes(self) -> Learned:
+        return {}
+
+    def keeps_startup_routes(self, now: float) -> bool:
+        return False
+
+
+NO_ROUTES = _NoRoutes()
+
+
 class RouteReconciler:
     """Runs on start, whenever woken (a CNI ADD/DEL, a new block), and every ``interval`` seconds to repair
     drift: a full run reads the kernel and the datastore. BGP changes take a fast path: only the prefixes that
@@ -62,13 +88,10 @@ class RouteReconciler:
     re-diffed per UPDATE."""
 
     def __init__(self, view: Callable[[], NodeView], kernel: routes.RouteKernel, node: str, interval: float,
-                 learned: Callable[[], Learned] = dict, learned_changes: Callable[[], Learned] = dict,
-                 keep_startup_routes: Callable[[], bool] = lambda: False, overlay: Overlay | None = None) -> None:
-        self.learned = learned
+                 feed: RouteFeed | None = None, overlay: Overlay | None = None) -> None:
+        # BGP's routes, from the node's table (bgpd/speaker/rib.py), already through the import filter.
+        self.feed: RouteFeed = feed or NO_ROUTES
         self.overlay = overlay  # encapsulation and NAT: routes to other nodes from the datastore
-        self.learned_changes = learned_changes
-        # While true (a restart, BGP not relearned yet): the remote routes found in the kernel at start stay.
-        self.keep_startup_routes = keep_startup_routes
         self.view = view
         self.kernel = kernel
         self.node = node
@@ -87,6 +110,10 @@ class RouteReconciler:
         self._retained: dict[str, desired.RouteSpec] | None = None
         self._periodic = False
         self._held: dict[Any, str] = {}  # which node holds which block, as the IPAM blocks said last
+
+    def _keeps_startup_routes(self) -> bool:
+        """While true (a restart, BGP not relearned yet): the remote routes found in the kernel at start stay."""
+        return self.feed.keeps_startup_routes(time.monotonic())
 
     def wake(self) -> None:
         """Run a full reconcile soon."""
@@ -121,7 +148,7 @@ class RouteReconciler:
         self._connected, self._own = tuple(connected), {str(a) for a in affinities}
         encapsulated = await self.overlay.desired(view, self._connected, self._periodic) if self.overlay else set()
         self._encapsulated = {r.dst for r in encapsulated}
-        learned = {self._through_tunnel(r) for r in desired.remote_routes(self.learned(), connected, affinities)}
+        learned = {self._through_tunnel(r) for r in desired.remote_routes(self.feed.learned(), connected, affinities)}
         return desired.desired_routes(local, affinities, existing) | merge_routes(encapsulated, learned)
 
     def _through_tunnel(self, route: desired.RouteSpec) -> desired.RouteSpec:
@@ -138,18 +165,18 @@ class RouteReconciler:
         kernel = await self.kernel.read()
         have, connected = set(kernel.routes), list(kernel.connected)
         if self._retained:  # what BGP changed since the last run is BGP's now (learned() below forgets what)
-            self._forget_retained(self.learned_changes())
+            self._forget_retained(self.feed.changes())
         want = await self.desired_state(set(kernel.interfaces), connected)
         # Just restarted: traffic to other nodes goes on over the routes the previous daemon left while the
         # sessions come back; only those, and only until BGP has relearned what it has.
         if self._retained is None:
-            self._retained = desired.found_at_start(have, want) if self.keep_startup_routes() else {}
+            self._retained = desired.found_at_start(have, want) if self._keeps_startup_routes() else {}
             if self._retained:
                 log.info("keeping %d remote routes found in the kernel until BGP has relearned them",
                          len(self._retained))
         elif self._retained:
             still = desired.still_retained(self._retained, have, want)
-            if not self.keep_startup_routes():
+            if not self._keeps_startup_routes():
                 log.info("BGP has relearned its routes: %d not relearned of those found in the kernel at start go",
                          len(still))
                 still = {}
@@ -168,7 +195,7 @@ class RouteReconciler:
         add: list[desired.RouteSpec] = []
         remove: list[desired.RouteSpec] = []
         replaced: list[desired.RouteSpec] = []
-        changes = self.learned_changes()
+        changes = self.feed.changes()
         if self._retained:
             self._forget_retained(changes)
         for prefix, next_hops in changes.items():
@@ -224,28 +251,22 @@ class RouteReconciler:
         return self.stats.last_changes
 
     async def run(self) -> None:
-        retry_in = RETRY_FIRST_SECONDS
+        backoff = Backoff(RETRY_FIRST_SECONDS, min(RETRY_MAX_SECONDS, self.interval))
         while True:
-            wait = self.interval
-            try:
-                # A full run, too, when the routes found at start stop being kept: those not relearned go.
-                if self._full_wanted or (self._retained and not self.keep_startup_routes()):
-                    await self.reconcile_once()
-                    self._periodic = False
-                else:
-                    await self.apply_route_changes()
-                retry_in = RETRY_FIRST_SECONDS
-            except Exception as exc:  # the datastore may be away: the kernel keeps what it has, the retry repairs
+            retry_in = await guarded(self._step, log, "reconcile", "kernel routes kept as they are", backoff)
+            if retry_in is not None:
                 self.stats.errors += 1
-                self._full_wanted = True
-                wait, retry_in = min(retry_in, self.interval), min(retry_in * 2, RETRY_MAX_SECONDS)
-                if isinstance(exc, DatastoreUnavailable):  # expected during an outage: one line, no traceback
-                    log.warning("reconcile postponed, kernel routes kept as they are: %s; next try in %gs", exc,
-                                wait)
-                else:
-                    log.exception("reconcile failed; next try in %gs", wait)
+                self._full_wanted = True  # the kernel keeps what it has; the retry repairs
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+                await asyncio.wait_for(self._wake.wait(), timeout=self.interval if retry_in is None else retry_in)
             except TimeoutError:
                 self._full_wanted = self._periodic = True  # the periodic run that repairs drift
             self._wake.clear()
+
+    async def _step(self) -> None:
+        # A full run, too, when the routes found at start stop being kept: those not relearned go.
+        if self._full_wanted or (self._retained and not self._keeps_startup_routes()):
+            await self.reconcile_once()
+            self._periodic = False
+        else:
+            await self.apply_route_changes()

@@ -11,7 +11,7 @@ from ipam.datastore import Datastore, Delete, ModRevisionIs, Put
 
 async def register_node(store: Datastore, resource: dict[str, Any]) -> int:
     """Store this node's Node resource as given; the revision it is stored at."""
-    key = keys.resource_key("nodes", resource["metadata"]["name"])
+    key = keys.resource_key(keys.NODES, resource["metadata"]["name"])
     while True:
         kv = await store.get(key)
         if kv is not None and kv.json() == resource:
@@ -22,8 +22,8 @@ async def register_node(store: Datastore, resource: dict[str, Any]) -> int:
 
 
 async def list_weps(store: Datastore) -> list[WorkloadEndpoint]:
-    return [WorkloadEndpoint.from_v3(kv.json()) for kv in await store.get_prefix(keys.resource_prefix(
-        "workloadendpoints"))]
+    kvs = await store.get_prefix(keys.resource_prefix(keys.WORKLOAD_ENDPOINTS))
+    return [WorkloadEndpoint.from_v3(kv.json()) for kv in kvs]
 
 
 async def list_node_weps(store: Datastore, node: str) -> list[WorkloadEndpoint]:

@@ -23,13 +23,13 @@ from ipam.model import Block, BlockAffinity, IPNetwork, IPPool
 
 log = logging.getLogger("calico-py-node.view")
 
-NODES = keys.resource_prefix("nodes")
-POOLS = keys.resource_prefix("ippools")
-BGP_PEERS = keys.resource_prefix("bgppeers")
-BGP_CONFIGURATIONS = keys.resource_prefix("bgpconfigurations")
-ENDPOINTS = keys.resource_prefix("workloadendpoints")
+NODES = keys.resource_prefix(keys.NODES)
+POOLS = keys.resource_prefix(keys.IP_POOLS)
+BGP_PEERS = keys.resource_prefix(keys.BGP_PEERS)
+BGP_CONFIGURATIONS = keys.resource_prefix(keys.BGP_CONFIGURATIONS)
+ENDPOINTS = keys.resource_prefix(keys.WORKLOAD_ENDPOINTS)
 BLOCKS = keys.blocks_prefix(4)
-DEFAULT_BGP_CONFIGURATION = keys.resource_key("bgpconfigurations", "default")
+DEFAULT_BGP_CONFIGURATION = keys.resource_key(keys.BGP_CONFIGURATIONS, "default")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,13 @@ IPAM_CONFIG = IPAM + "config"
 HANDLES = IPAM + "handle/"
 HOSTS = IPAM + "host/"
 
+# Calico's resource kinds, by the plural their keys are stored under.
+IP_POOLS = "ippools"
+NODES = "nodes"
+BGP_PEERS = "bgppeers"
+BGP_CONFIGURATIONS = "bgpconfigurations"
+WORKLOAD_ENDPOINTS = "workloadendpoints"
+
 
 def cidr_segment(cidr: IPNetwork) -> str:
     return str(cidr).replace("/", "-")

@@ -28,3 +28,78 @@ class FakeKernel:
         self.routes -= set(diff.remove)
         self.routes |= set(diff.add)
         return []
+
+
+@dataclass
+class FakeOverlayKernel:
+    """Fakes :class:`bgpd.dataplane.overlay_kernel.OverlayKernel`: the VXLAN device, ``tunl0`` (``ipip`` False:
+    a kernel without the module) and the NAT table, recording each request."""
+
+    vtep: object | None = None
+    tunnel: object | None = None
+    entries: object | None = None
+    nat: str | None = None
+    ipip: bool = True
+    calls: list[str] = field(default_factory=list)
+
+    async def ensure_vtep(self, vtep: object) -> bool:
+        self.calls.append("ensure_vtep")
+        changed, self.vtep = vtep != self.vtep, vtep
+        return changed
+
+    async def remove_vtep(self) -> bool:
+        self.calls.append("remove_vtep")
+        had, self.vtep = self.vtep is not None, None
+        return had
+
+    async def ensure_tunnel(self, tunnel: object) -> None:
+        from bgpd.dataplane.ipip import IPIPUnavailable
+        self.calls.append("ensure_tunnel")
+        if not self.ipip:
+            raise IPIPUnavailable("no ipip module in this kernel")
+        self.tunnel = tunnel
+
+    async def apply_entries(self, state: object) -> list[str]:
+        self.calls.append("apply_entries")
+        self.entries = state
+        return []
+
+    async def apply_nat(self, script: str) -> None:
+        self.calls.append("apply_nat")
+        self.nat = script
+
+
+@dataclass
+class FakePodKernel:
+    """Fakes :class:`bgpd.dataplane.pod_kernel.PodKernel`: the host veths by name (and their pod side), with the
+    requests recorded; ``fail`` names a step that raises a plumbing error."""
+
+    veths: dict[str, object] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+    fail: str | None = None
+
+    def _step(self, name: str) -> None:
+        from bgpd.dataplane.workloads import PlumbingError
+        self.calls.append(name)
+        if self.fail == name:
+            raise PlumbingError(f"{name}: refused by the fake kernel")
+
+    async def create_link(self, workload: object, families: tuple[int, ...]) -> int:
+        self._step("create_link")
+        self.veths[workload.host_if] = workload  # type: ignore[attr-defined]
+        return len(self.veths)
+
+    async def configure_pod(self, workload: object) -> None:
+        self._step("configure_pod")
+        self.veths[workload.host_if] = workload  # type: ignore[attr-defined]
+
+    async def route_to_pod(self, workload: object, index: int) -> None:
+        self._step("route_to_pod")
+
+    async def remove(self, host_if: str) -> bool:
+        self.calls.append("remove")
+        return self.veths.pop(host_if, None) is not None
+
+    async def check(self, workload: object) -> list[str]:
+        self.calls.append("check")
+        return [] if workload.host_if in self.veths else [f"{workload.host_if} is missing"]  # type: ignore[attr-defined]

@@ -20,16 +20,16 @@ from typing import Any, TypeVar
 
 from bgpd.cleanup import release_unattached
 from bgpd.cni import spec
-from bgpd.cni.annotations import AnnotationError, PodRequest, PodSource, pod_request, unknown_pools
+from bgpd.cni.addresses import DatastoreDown, PodAddresses
+from bgpd.cni.annotations import PodSource
 from bgpd.cni.spec import CNIError, Request, Result
 from bgpd.dataplane import workloads
-from bgpd.dataplane.kernel import Netlink
+from bgpd.dataplane.pod_kernel import PodKernel
 from bgpd.resources import WorkloadEndpoint, wep_key, wep_name
 from bgpd.store import delete_wep, list_node_weps, save_wep
-from ipam.allocator import IPAM, AssignResult, Extra
+from ipam.allocator import IPAM
 from ipam.datastore import Put
-from ipam.errors import DatastoreUnavailable, IPAMError, NoEligiblePool, PoolExhausted
-from ipam.pools import list_pools
+from ipam.errors import DatastoreUnavailable
 
 log = logging.getLogger("calico-py-node.cni")
 T = TypeVar("T")
@@ -37,10 +37,6 @@ MAIN, IPAM_PLUGIN = "calico-py", "calico-py-ipam"
 # How long a failed ADD's clean-up waits for a datastore that was just found unreachable: the store already had
 # its full failover time, so waiting that long again would only double the runtime's wait for the same answer.
 UNDO_DATASTORE_SECONDS = 3.0
-
-
-class DatastoreDown(CNIError):
-    """The datastore did not answer within its failover time (code 11, try again later)."""
 
 
 def with_addresses(workload: workloads.Workload, addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address]
@@ -59,15 +55,15 @@ async def _all(steps: list[Awaitable[Any]]) -> list[Any]:
 
 
 class CNIHandler:
-    def __init__(self, ipam: IPAM, node: str, netlink: Netlink, default_mtu: Callable[[], int],
+    def __init__(self, ipam: IPAM, node: str, kernel: PodKernel, default_mtu: Callable[[], int],
                  changed: Callable[[], None] = lambda: None, pods: PodSource | None = None,
                  observe: Callable[[str, str, float], None] = lambda command, result, seconds: None,
                  on_endpoint: Callable[[str, WorkloadEndpoint | None], None] = lambda key, endpoint: None) -> None:
         self.ipam = ipam
         self.node = node
-        self.pods = pods  # the Kubernetes API (pod and namespace annotations), when the node runs in a cluster
+        self.addresses = PodAddresses(ipam, node, pods)
         self.observe = observe  # (command, "ok" | "error", seconds) of every request: metrics
-        self.netlink = netlink
+        self.kernel = kernel
         self.default_mtu = default_mtu  # the pod MTU when the network config gives none: underlay minus encap
         self.changed = changed  # wakes the reconciler (a new block may need its blackhole)
         # This node's endpoint written (None: deleted): the node's view knows before its watch event comes.
@@ -102,7 +98,7 @@ class CNIHandler:
         if command == "VERSION":
             return spec.version_result(request.cni_version)
         if command == "STATUS":
-            await self._datastore(self.ipam.get_config())
+            await self.addresses.datastore(self.ipam.get_config())
             return None
         if command == "GC":
             await self._gc(request)
@@ -115,81 +111,9 @@ class CNIHandler:
             if command == "DEL":
                 return await self._del(request)
             return await {"ADD": self._add, "CHECK": self._check}[command](request, self._pod_netns(netns))
-        return await {"ADD": self._ipam_add, "DEL": self._ipam_del, "CHECK": self._ipam_check}[command](request)
-
-    async def _datastore(self, call: Awaitable[T]) -> T:
-        try:
-            return await call
-        except DatastoreUnavailable as exc:
-            endpoints = ",".join(self.ipam.store.config.endpoints)
-            raise DatastoreDown(spec.TRY_AGAIN_LATER, f"etcd datastore unreachable at {endpoints}: check that "
-                                                      "etcd is running and reachable, then retry", str(exc)) from None
-        except (PoolExhausted, NoEligiblePool) as exc:
-            raise CNIError(spec.IPAM_EXHAUSTED, str(exc)) from None
-        except IPAMError as exc:
-            raise CNIError(spec.IO_FAILURE, str(exc)) from None
-
-    # ------------------------------------------------------------------ IPAM
-
-    def _families(self, request: Request) -> tuple[int, int]:
-        ipam = request.config.get("ipam") or {}
-        v4 = str(ipam.get("assign_ipv4", "true")).lower() == "true"
-        v6 = str(ipam.get("assign_ipv6", "false")).lower() == "true"
-        return int(v4), int(v6)
-
-    async def _allocate(self, request: Request, also: Extra | None = None) -> AssignResult:
-        num_v4, num_v6 = self._families(request)
-        wanted = await self._pod_request(request)
-        attrs = {k: v for k, v in (("namespace", request.pod_namespace), ("pod", request.pod_name)) if v}
-        attrs.update(wanted.attributes)
-        if wanted.fixed:
-            for address in wanted.fixed:
-                await self._datastore(self.ipam.assign_ip(address, request.handle_id, self.node, attrs=attrs))
-            return AssignResult(ipv4=[a for a in wanted.fixed if a.version == 4],
-                                ipv6=[a for a in wanted.fixed if a.version == 6])
-        pools = [*(wanted.ipv4_pools or ()), *(wanted.ipv6_pools or ())] or None
-        if pools:
-            existing = await self._datastore(list_pools(self.ipam.store))
-            missing = unknown_pools(pools, [p.name for p in existing], [str(p.cidr) for p in existing])
-            if missing:
-                raise CNIError(spec.INVALID_NETWORK_CONFIG, f"IP pool {', '.join(missing)} requested for "
-                                                            f"{request.pod_namespace}/{request.pod_name} does not "
-                                                            "exist; create it or fix the annotation")
-        return await self._datastore(self.ipam.auto_assign(request.handle_id, self.node, num_v4, num_v6,
-                                                            pools=pools, attrs=attrs, also=also))
-
-    async def _pod_request(self, request: Request) -> PodRequest:
-        """The pools, fixed addresses and labels the pod's (and its namespace's) annotations ask for."""
-        config_pools = (request.config.get("ipam") or {}).get("ipv4_pools")
-        if self.pods is None or not request.pod_name:
-            return PodRequest(ipv4_pools=tuple(config_pools) if config_pools else None)
-        pods = self.pods
-        try:
-            pod = await asyncio.to_thread(pods.get_pod, request.pod_namespace, request.pod_name)
-            namespace = await asyncio.to_thread(pods.namespace_annotations, request.pod_namespace)
-        except Exception as exc:  # the adapter's errors are one-line already
-            raise CNIError(spec.TRY_AGAIN_LATER, "Kubernetes API unreachable; try again later", str(exc)) from None
-        try:
-            return pod_request(pod.annotations if pod else {}, namespace, pod.labels if pod else {}, config_pools)
-        except AnnotationError as exc:
-            raise CNIError(spec.INVALID_NETWORK_CONFIG, str(exc)) from None
-
-    async def _ipam_add(self, request: Request) -> dict[str, Any]:
-        addresses = (await self._allocate(request)).addresses
-        result = Result(ips=[(ipaddress.ip_interface(f"{a}/{a.max_prefixlen}"), -1, None) for a in addresses],
-                        routes=[("0.0.0.0/0", None)] if any(a.version == 4 for a in addresses) else [])
-        body = result.to_json(request.cni_version)
-        for ip in body["ips"]:
-            ip.pop("interface")
-        return body
-
-    async def _ipam_del(self, request: Request) -> None:
-        await self._datastore(self.ipam.release_by_handle(request.handle_id))
-
-    async def _ipam_check(self, request: Request) -> None:
-        held = await self._datastore(self.ipam.store.get(f"/calico/ipam/v2/handle/{request.handle_id}"))
-        if held is None:
-            raise CNIError(spec.UNKNOWN_CONTAINER, f"no addresses are held for {request.handle_id}")
+        addresses = self.addresses
+        return await {"ADD": addresses.ipam_add, "DEL": addresses.ipam_del, "CHECK": addresses.ipam_check}[command](
+            request)
 
     # ------------------------------------------------------------------ main plugin
 
@@ -221,7 +145,7 @@ class CNIHandler:
 
     async def _stored_wep(self, request: Request) -> WorkloadEndpoint | None:
         """The WorkloadEndpoint stored under the request's name (possibly another container's)."""
-        kv = await self._datastore(self.ipam.store.get(wep_key(*self._wep_id(request))))
+        kv = await self.addresses.datastore(self.ipam.store.get(wep_key(*self._wep_id(request))))
         return WorkloadEndpoint.from_v3(kv.json()) if kv is not None else None
 
     def _wep(self, request: Request, workload: workloads.Workload) -> WorkloadEndpoint:
@@ -247,20 +171,20 @@ class CNIHandler:
             return [Put.json(wep.key, wep.to_v3())]
 
         try:
-            families = tuple(v for v, wanted in zip((4, 6), self._families(request), strict=True) if wanted)
+            families = tuple(v for v, wanted in zip((4, 6), self.addresses.families(request), strict=True) if wanted)
             index, allocation = await _all([
-                self.netlink.run(lambda ipr: workloads.create_link(ipr, workload, families)),
-                self._allocate(request, also=record)])
+                self.kernel.create_link(workload, families),
+                self.addresses.allocate(request, also=record)])
             addresses = allocation.addresses
             workload = with_addresses(workload, addresses)
-            steps = [self.netlink.run(lambda _: workloads.configure_pod(workload))]
+            steps = [self.kernel.configure_pod(workload)]
             if not allocation.also_written:
                 wep = self._wep(request, workload)
-                steps.append(self._datastore(save_wep(self.ipam.store, wep)))
+                steps.append(self.addresses.datastore(save_wep(self.ipam.store, wep)))
             await _all(steps)
             assert wep is not None
             self.on_endpoint(wep.key, wep)  # before the route: a reconcile keeps routes of known endpoints only
-            await self.netlink.run(lambda _: workloads.route_to_pod(workload, index))
+            await self.kernel.route_to_pod(workload, index)
         except BaseException as exc:
             await self._undo(workload, request, wep, datastore_down=isinstance(exc, DatastoreDown))
             if isinstance(exc, workloads.PlumbingError):
@@ -302,7 +226,7 @@ class CNIHandler:
                 log.warning("cni ADD %s: etcd still unreachable; handle %s released later by DEL or GC if any "
                             "of its writes landed", request.container_id, request.handle_id)
 
-        steps: list[Awaitable[Any]] = [self.netlink.run(lambda ipr: workloads.remove(ipr, workload.host_if)), forget()]
+        steps: list[Awaitable[Any]] = [self.kernel.remove(workload.host_if), forget()]
         for outcome in await asyncio.gather(*steps, return_exceptions=True):
             if isinstance(outcome, BaseException):
                 log.warning("cni ADD %s: cleaning up after the failure failed too: %s", request.container_id,
@@ -314,13 +238,13 @@ class CNIHandler:
         is left alone, and so is its veth."""
         wep = await self._stored_wep(request)
         mine = wep is not None and self._is_own(wep, request)
-        steps: list[Awaitable[Any]] = [self._datastore(self.ipam.release_by_handle(request.handle_id))]
+        steps: list[Awaitable[Any]] = [self.addresses.datastore(self.ipam.release_by_handle(request.handle_id))]
         if wep is None or mine:
             host_if = wep.interface if wep is not None else workloads.host_interface_name(
                 request.pod_namespace, request.pod_name, request.container_id)
-            steps.append(self.netlink.run(lambda ipr: workloads.remove(ipr, host_if)))
+            steps.append(self.kernel.remove(host_if))
         if mine:
-            steps.append(self._datastore(delete_wep(self.ipam.store, *self._wep_id(request))))
+            steps.append(self.addresses.datastore(delete_wep(self.ipam.store, *self._wep_id(request))))
         await _all(steps)
         if mine:
             assert wep is not None
@@ -329,7 +253,7 @@ class CNIHandler:
         # No reconcile needed: the pod's route went with its veth, and an emptied block stays with the node.
 
     async def _check(self, request: Request, netns_fd: int) -> None:
-        held = await self._datastore(self.ipam.store.get(f"/calico/ipam/v2/handle/{request.handle_id}"))
+        held = await self.addresses.datastore(self.ipam.store.get(f"/calico/ipam/v2/handle/{request.handle_id}"))
         if held is None:
             raise CNIError(spec.UNKNOWN_CONTAINER, f"no addresses are held for {request.handle_id}")
         wep = await self._stored_wep(request)
@@ -339,7 +263,7 @@ class CNIHandler:
                                       sandbox=request.netns,
                                       addresses=tuple(ipaddress.ip_interface(n) for n in wep.ip_networks),
                                       mtu=self.default_mtu())
-        problems = await self.netlink.run(lambda ipr: workloads.check(ipr, workload))
+        problems = await self.kernel.check(workload)
         if problems:
             raise CNIError(spec.IO_FAILURE, "; ".join(problems))
 
@@ -347,12 +271,12 @@ class CNIHandler:
         """CNI 1.1 GC: release what this network holds on this node for attachments the runtime no longer has."""
         valid = {f"{request.network}.{a.get('containerID')}" for a in request.config.get("cni.dev/valid-attachments")
                  or [] if isinstance(a, dict)}
-        for wep in await self._datastore(list_node_weps(self.ipam.store, self.node)):
+        for wep in await self.addresses.datastore(list_node_weps(self.ipam.store, self.node)):
             handle = f"{request.network}.{wep.container_id}"
             if handle not in valid:
-                await self.netlink.run(lambda ipr, name=wep.interface: workloads.remove(ipr, name))
-                await self._datastore(self.ipam.release_by_handle(handle))
-                await self._datastore(delete_wep(self.ipam.store, wep.namespace, wep.name))
+                await self.kernel.remove(wep.interface)
+                await self.addresses.datastore(self.ipam.release_by_handle(handle))
+                await self.addresses.datastore(delete_wep(self.ipam.store, wep.namespace, wep.name))
         # Addresses with no endpoint (an ADD or DEL cut short by a crash) are the network's too.
-        await self._datastore(release_unattached(self.ipam, self.node, request.network, valid))
+        await self.addresses.datastore(release_unattached(self.ipam, self.node, request.network, valid))
         self.changed()

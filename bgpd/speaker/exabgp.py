@@ -20,7 +20,7 @@ from pathlib import Path
 from bgpd.speaker import exabgp_api
 from bgpd.speaker.peers import BGPPath, PeerSpec, prefix_version, render_exabgp
 from bgpd.speaker.process import ExaBGPProcess
-from bgpd.speaker.rib import Rib, Routes, Session, Update
+from bgpd.speaker.rib import Rib, Routes, Session, SessionState, Update
 from bgpd.unixsock import bind_abstract, peer_uid
 
 log = logging.getLogger("calico-py-node.bgp")
@@ -210,6 +210,8 @@ class ExaBGP:
             return False
         if isinstance(event, Update):
             self.last_update_at = time.time()
+        elif isinstance(event, SessionState) and event.peer in self.rib.sessions:
+            log.info("bgp peer %s %s", event.peer, event.state)  # operators (and the fault tests) follow these
         changed = self.rib.apply(event, time.monotonic(), time.time())
         self._routes_changed(changed)
         return changed

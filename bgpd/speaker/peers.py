@@ -167,6 +167,55 @@ def secret_ref(spec: Mapping[str, Any], field_name: str) -> tuple[str, str] | No
     return (str(ref["name"]), str(ref["key"])) if ref.get("name") and ref.get("key") else None
 
 
+class _Peering:
+    """The sessions being collected for one node: one per peer address, the first BGPPeer to ask for it wins."""
+
+    def __init__(self, me: NodeInfo, global_as: int) -> None:
+        self.me, self.global_as = me, global_as
+        self.local_as = node_as(me, global_as)
+        self.peers: dict[str, PeerSpec] = {}
+
+    def with_node(self, node: NodeInfo, kind: str, password: str | None) -> None:
+        """One session per IP version both ends have an address of."""
+        for version in (4, 6):
+            local, remote = self.me.address(version), node.address(version)
+            if local is not None and remote is not None:
+                self.peers.setdefault(remote, PeerSpec(remote, node_as(node, self.global_as), self.local_as, local,
+                                                       kind, node.name, password=password))
+
+    def with_address(self, address: str | None, as_number: int, kind: str, name: str, password: str | None) -> None:
+        """A session to a fixed ``peerIP``, when this node has an address of its IP version."""
+        local = self.me.address(6 if ":" in (address or "") else 4)
+        if address is not None and local is not None:
+            self.peers.setdefault(address, PeerSpec(address, as_number, self.local_as, local, kind, name,
+                                                    password=password))
+
+
+def _kind_for(peer_spec: Mapping[str, Any], me: NodeInfo) -> str | None:
+    """How a BGPPeer applies to this node (``node:`` or ``nodeSelector``), or None when it does not select it."""
+    if peer_spec.get("node"):
+        return NODE_SPECIFIC if peer_spec["node"] == me.name else None
+    if peer_spec.get("nodeSelector") and not parse_selector(peer_spec["nodeSelector"]).matches(me.labels):
+        return None
+    return GLOBAL
+
+
+def _peer_back(peering: _Peering, bgp_peers: Iterable[Mapping[str, Any]], others: list[NodeInfo],
+               passwords: Mapping[str, str]) -> None:
+    """The other side of a peerSelector peering: a selected node peers back with every node the BGPPeer applies
+    to (this is how reflectors learn their clients)."""
+    me = peering.me
+    for resource in bgp_peers:
+        peer_spec = resource.get("spec") or {}
+        if not peer_spec.get("peerSelector") or not parse_selector(peer_spec["peerSelector"]).matches(me.labels):
+            continue
+        applies = parse_selector(peer_spec.get("nodeSelector") or "all()")
+        password = passwords.get((resource.get("metadata") or {}).get("name", ""))
+        for node in others:
+            if (peer_spec.get("node") in (None, node.name)) and applies.matches(node.labels):
+                peering.with_node(node, GLOBAL, password)
+
+
 def desired_peers(me: NodeInfo, nodes: Iterable[NodeInfo], bgp_config: Mapping[str, Any] | None,
                   bgp_peers: Iterable[Mapping[str, Any]], passwords: Mapping[str, str] | None = None
                   ) -> list[PeerSpec]:
@@ -179,59 +228,30 @@ def desired_peers(me: NodeInfo, nodes: Iterable[NodeInfo], bgp_config: Mapping[s
     address of is skipped."""
     passwords = passwords or {}
     spec = (bgp_config or {}).get("spec") or {}
-    global_as = int(spec.get("asNumber") or DEFAULT_AS)
     if me.ipv4 is None and me.ipv6 is None:
         return []
-    local_as = node_as(me, global_as)
+    peering = _Peering(me, int(spec.get("asNumber") or DEFAULT_AS))
     others = [n for n in nodes if n.name != me.name and (n.ipv4 is not None or n.ipv6 is not None)]
-    peers: dict[str, PeerSpec] = {}
-
-    def sessions(node: NodeInfo, kind: str, password: str | None) -> None:
-        """One session per IP version both ends have an address of (the first BGPPeer to ask for it wins)."""
-        for version in (4, 6):
-            local, remote = me.address(version), node.address(version)
-            if local is not None and remote is not None:
-                peers.setdefault(remote, PeerSpec(remote, node_as(node, global_as), local_as, local, kind, node.name,
-                                                  password=password))
-
+    bgp_peers = list(bgp_peers)
     if spec.get("nodeToNodeMeshEnabled", True):
         for node in others:
-            sessions(node, MESH, passwords.get(MESH_PASSWORD))
+            peering.with_node(node, MESH, passwords.get(MESH_PASSWORD))
     for resource in bgp_peers:
         peer_spec = resource.get("spec") or {}
         name = (resource.get("metadata") or {}).get("name", "")
-        if peer_spec.get("node"):
-            if peer_spec["node"] != me.name:
-                continue
-            kind = NODE_SPECIFIC
-        elif peer_spec.get("nodeSelector"):
-            if not parse_selector(peer_spec["nodeSelector"]).matches(me.labels):
-                continue
-            kind = GLOBAL
-        else:
-            kind = GLOBAL
+        kind = _kind_for(peer_spec, me)
+        if kind is None:
+            continue
         if peer_spec.get("peerIP"):
-            address = peer_host(peer_spec["peerIP"])
-            local = me.address(6 if ":" in (address or "") else 4)
-            if address is not None and local is not None:
-                peers.setdefault(address, PeerSpec(address, int(peer_spec["asNumber"]), local_as, local, kind, name,
-                                                   password=passwords.get(name)))
+            peering.with_address(peer_host(peer_spec["peerIP"]), int(peer_spec["asNumber"]), kind, name,
+                                 passwords.get(name))
         elif peer_spec.get("peerSelector"):
             selector = parse_selector(peer_spec["peerSelector"])
             for node in others:
                 if selector.matches(node.labels):
-                    sessions(node, kind, passwords.get(name))
-    for resource in bgp_peers:
-        # The other side of a peerSelector peering: a selected node peers back with every node the BGPPeer
-        # applies to (this is how reflectors learn their clients).
-        peer_spec = resource.get("spec") or {}
-        if not peer_spec.get("peerSelector") or not parse_selector(peer_spec["peerSelector"]).matches(me.labels):
-            continue
-        applies = parse_selector(peer_spec.get("nodeSelector") or "all()")
-        resource_name = (resource.get("metadata") or {}).get("name", "")
-        for node in others:
-            if (peer_spec.get("node") in (None, node.name)) and applies.matches(node.labels):
-                sessions(node, GLOBAL, passwords.get(resource_name))
+                    peering.with_node(node, kind, passwords.get(name))
+    _peer_back(peering, bgp_peers, others, passwords)
+    peers = peering.peers
     if me.rr_cluster_id:
         by_address = {address: n for n in others for address in (n.address(4), n.address(6)) if address}
         for address, peer in list(peers.items()):

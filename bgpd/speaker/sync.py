@@ -15,10 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bgpd.loops import Backoff, guarded
 from bgpd.speaker.exabgp import ExaBGP
 from bgpd.speaker.peers import MALFORMED, PoolFilter
 from bgpd.speaker.plan import plan_speaker, secret_refs
-from bgpd.speaker.rib import Routes, Session
+from bgpd.speaker.rib import Session
 from bgpd.view import BLOCKS, NodeView
 
 log = logging.getLogger("calico-py-node.bgp")
@@ -58,17 +59,6 @@ class BGPSync:
     def rejected_total(self) -> dict[tuple[str, str], int]:
         """(peer, reason) -> paths refused since start."""
         return self.speaker.rib.rejected_total
-
-    def learned(self) -> Routes:
-        """Routes from peers (prefix -> next hops of the accepted paths), as the import filter lets them through
-        (:class:`PoolFilter`): a peer cannot inject a default route, a node address or part of another node's
-        block."""
-        return self.speaker.learned()
-
-    def learned_changes(self) -> Routes:
-        """The same for the prefixes changed since the last call; a prefix no accepted path offers has no next
-        hop (withdrawn)."""
-        return self.speaker.learned_changes()
 
     def note_malformed(self) -> None:
         """Count sessions ExaBGP closed because the peer sent an UPDATE it could not parse (its NOTIFICATION says
@@ -127,15 +117,12 @@ class BGPSync:
         """Sync at start, on every wake (the view changed) and every ``resync_interval`` seconds; every ``interval``
         seconds in between, only what time alone changes."""
         next_sync = 0.0
+        backoff = Backoff(self.interval, self.interval)
         while True:
             if self._wake.is_set() or time.monotonic() >= next_sync:
                 self._wake.clear()  # a wake from here on means another sync
-                next_sync = time.monotonic() + self.resync_interval
-                try:
-                    await self.sync_once()
-                except Exception:
-                    log.exception("bgp sync failed")
-                    next_sync = time.monotonic() + self.interval
+                retry_in = await guarded(self.sync_once, log, "bgp sync", "peers and announcements kept", backoff)
+                next_sync = time.monotonic() + (self.resync_interval if retry_in is None else retry_in)
             else:
                 self.speaker.expire_stale()
                 self.note_malformed()

@@ -67,7 +67,7 @@ async def show_ip(store: Datastore, address: IPAddress) -> None:
 async def live_addresses(store: Datastore) -> set[IPAddress]:
     """Every address a WorkloadEndpoint uses."""
     live: set[IPAddress] = set()
-    for kv in await store.get_prefix(keys.resource_prefix("workloadendpoints")):
+    for kv in await store.get_prefix(keys.resource_prefix(keys.WORKLOAD_ENDPOINTS)):
         for network in (kv.json().get("spec") or {}).get("ipNetworks") or []:
             live.add(ipaddress.ip_interface(network).ip)
     return live
@@ -89,7 +89,7 @@ def report_json(state: IPAMState, report: Report) -> dict[str, Any]:
 async def run_check(store: Datastore, output: Path | None) -> int:
     state = await load_state(store)
     progress = Progress(len(state.blocks), "checking blocks")
-    nodes = {kv.key.rsplit("/", 1)[-1] for kv in await store.get_prefix(keys.resource_prefix("nodes"))}
+    nodes = {kv.key.rsplit("/", 1)[-1] for kv in await store.get_prefix(keys.resource_prefix(keys.NODES))}
     report = check(state, known_nodes=nodes or None, live_addresses=await live_addresses(store))
     progress.step(len(state.blocks))
     progress.close()

@@ -39,25 +39,25 @@ class Kind:
 
 
 KINDS = {
-    "IPPool": Kind("IPPool", "ippools", ("ippool", "ippools", "pool", "pools", "ipp"),
+    "IPPool": Kind("IPPool", keys.IP_POOLS, ("ippool", "ippools", "pool", "pools", "ipp"),
                    (("NAME", "metadata.name"), ("CIDR", "spec.cidr"), ("SELECTOR", "spec.nodeSelector")),
                    (("NAME", "metadata.name"), ("CIDR", "spec.cidr"), ("NAT", "spec.natOutgoing"),
                     ("IPIPMODE", "spec.ipipMode"), ("VXLANMODE", "spec.vxlanMode"), ("DISABLED", "spec.disabled"),
                     ("DISABLEBGPEXPORT", "spec.disableBGPExport"), ("SELECTOR", "spec.nodeSelector"))),
-    "BGPPeer": Kind("BGPPeer", "bgppeers", ("bgppeer", "bgppeers", "bgpp", "peer", "peers"),
+    "BGPPeer": Kind("BGPPeer", keys.BGP_PEERS, ("bgppeer", "bgppeers", "bgpp", "peer", "peers"),
                     (("NAME", "metadata.name"), ("PEERIP", "spec.peerIP"), ("NODE", "spec.node"),
                      ("ASN", "spec.asNumber")),
                     (("NAME", "metadata.name"), ("PEERIP", "spec.peerIP"), ("NODE", "spec.node"),
                      ("ASN", "spec.asNumber"), ("NODESELECTOR", "spec.nodeSelector"),
                      ("PEERSELECTOR", "spec.peerSelector"))),
-    "BGPConfiguration": Kind("BGPConfiguration", "bgpconfigurations",
+    "BGPConfiguration": Kind("BGPConfiguration", keys.BGP_CONFIGURATIONS,
                              ("bgpconfiguration", "bgpconfigurations", "bgpconfig", "bgpconfigs"),
                              (("NAME", "metadata.name"), ("LOGSEVERITY", "spec.logSeverityScreen"),
                               ("MESHENABLED", "spec.nodeToNodeMeshEnabled"), ("ASNUMBER", "spec.asNumber")),
                              (("NAME", "metadata.name"), ("LOGSEVERITY", "spec.logSeverityScreen"),
                               ("MESHENABLED", "spec.nodeToNodeMeshEnabled"), ("ASNUMBER", "spec.asNumber"),
                               ("LISTENPORT", "spec.listenPort"))),
-    "Node": Kind("Node", "nodes", ("node", "nodes", "no"), (("NAME", "metadata.name"),),
+    "Node": Kind("Node", keys.NODES, ("node", "nodes", "no"), (("NAME", "metadata.name"),),
                  (("NAME", "metadata.name"), ("ASN", "spec.bgp.asNumber"), ("IPV4", "spec.bgp.ipv4Address"),
                   ("IPV6", "spec.bgp.ipv6Address"))),
 }
@@ -150,7 +150,7 @@ async def write(store: Datastore, documents: list[tuple[str, Any]], mode: str) -
             raise UserError(f"{label}: {obj['kind']} {obj['metadata']['name']!r} also appears in {seen[key]}; "
                             "nothing was written")
         seen[key] = label
-    pool_prefix = keys.resource_prefix("ippools")
+    pool_prefix = keys.resource_prefix(keys.IP_POOLS)
     new_pools = [IPPool.from_v3(obj) for _, obj in objects if obj["kind"] == "IPPool"]
     block_prefixes = [keys.blocks_prefix(version) for version in sorted({p.version for p in new_pools})]
     snapshot = await store.read(keys=list(seen), prefixes=[pool_prefix, *block_prefixes])

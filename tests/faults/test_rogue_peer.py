@@ -209,7 +209,7 @@ def test_a_rogue_peer_gets_nothing_outside_the_pools_into_any_kernel(
     assert f"bgp peer {RAW} sent a malformed UPDATE: session reset" in node1_log
     for node in NODES:  # the broken BGPPeer: said once, ignored, and nothing tried to peer with it
         log = daemon_log(rogue, node)
-        assert log.count("bgp: resource /calico/resources/v3/projectcalico.org/bgppeers/broken: spec.asNumber") == 1
+        assert log.count("resource /calico/resources/v3/projectcalico.org/bgppeers/broken: spec.asNumber") == 1
         assert "10.0.7.99" not in sessions(rogue, node) and "bgp sync failed" not in log
     # The sessions that only sent refused routes stayed up throughout: never down, Established now.
     for node in NODES:

@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bgpd.cni.handler import CNIHandler
-from bgpd.dataplane.kernel import Netlink
 from ipam.allocator import IPAM
 from ipam.check import check, load_state
 from ipam.datastore import Datastore, EtcdConfig
+from tests.fakekernel import FakePodKernel
 from tests.integration.ipamhelpers import add_pool
 
 NET = "k8s-pod-network"
@@ -34,28 +34,25 @@ async def call(handler: CNIHandler, command: str, container_id: str, config: dic
 
 async def test_gc_releases_addresses_without_endpoint_of_attachments_the_runtime_lost(store: Datastore) -> None:
     ipam = IPAM(store)
-    netlink = Netlink()
-    node1 = CNIHandler(ipam, "node1", netlink, lambda: 1500)
-    node2 = CNIHandler(ipam, "node2", netlink, lambda: 1500)
-    try:
-        conf = {"cniVersion": "1.1.0", "name": NET, "type": "calico-py-ipam"}
-        for container in ("kept", "lost-1", "lost-2"):
-            assert (await call(node1, "ADD", container, conf))[0] == 0
-        assert (await call(node2, "ADD", "on-node2", conf))[0] == 0
-        assert (await call(node1, "ADD", "other-net", {**conf, "name": "other"}))[0] == 0
-        await ipam.auto_assign("ipip-tunnel-addr-node1", "node1", use="Tunnel")
+    kernel = FakePodKernel()
+    node1 = CNIHandler(ipam, "node1", kernel, lambda: 1500)
+    node2 = CNIHandler(ipam, "node2", kernel, lambda: 1500)
+    conf = {"cniVersion": "1.1.0", "name": NET, "type": "calico-py-ipam"}
+    for container in ("kept", "lost-1", "lost-2"):
+        assert (await call(node1, "ADD", container, conf))[0] == 0
+    assert (await call(node2, "ADD", "on-node2", conf))[0] == 0
+    assert (await call(node1, "ADD", "other-net", {**conf, "name": "other"}))[0] == 0
+    await ipam.auto_assign("ipip-tunnel-addr-node1", "node1", use="Tunnel")
 
-        valid = {**conf, "cni.dev/valid-attachments": [{"containerID": "kept", "ifname": "eth0"}]}
-        code, out = await call(node1, "GC", "", valid)
-        assert code == 0, out
+    valid = {**conf, "cni.dev/valid-attachments": [{"containerID": "kept", "ifname": "eth0"}]}
+    code, out = await call(node1, "GC", "", valid)
+    assert code == 0, out
 
-        handles = set((await load_state(store)).handles)
-        assert handles == {f"{NET}.kept", f"{NET}.on-node2", "other.other-net", "ipip-tunnel-addr-node1"}
-        report = check(await load_state(store))
-        assert report.ok, report.problems
-        assert report.allocated == 4
-        # GC again changes nothing: idempotent.
-        assert (await call(node1, "GC", "", valid))[0] == 0
-        assert set((await load_state(store)).handles) == handles
-    finally:
-        netlink.close()
+    handles = set((await load_state(store)).handles)
+    assert handles == {f"{NET}.kept", f"{NET}.on-node2", "other.other-net", "ipip-tunnel-addr-node1"}
+    report = check(await load_state(store))
+    assert report.ok, report.problems
+    assert report.allocated == 4
+    # GC again changes nothing: idempotent.
+    assert (await call(node1, "GC", "", valid))[0] == 0
+    assert set((await load_state(store)).handles) == handles

@@ -51,7 +51,7 @@ async def test_pool_and_fixed_address_annotations_choose_the_address(store: Data
         fake.add_pod("shop", "nowhere", node="node1", annotations={"cni.projectcalico.org/ipv4pools": '["gone"]'})
         kube = Kube.from_env({"KUBECONFIG": str(fake.kubeconfig)})
         assert kube is not None
-        handler = CNIHandler(IPAM(store), "node1", netlink=None, default_mtu=lambda: 1500,  # type: ignore[arg-type]
+        handler = CNIHandler(IPAM(store), "node1", kernel=None, default_mtu=lambda: 1500,  # type: ignore[arg-type]
                              pods=kube)
 
         code, plain = await add(handler, "plain")

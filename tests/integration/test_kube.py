@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bgpd.controller import Controller
+from bgpd.controllers.kube_controllers import Controller
 from bgpd.kube import Kube, KubeError
 from bgpd.resources import WorkloadEndpoint, wep_name
 from bgpd.store import save_wep

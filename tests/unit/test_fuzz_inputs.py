@@ -11,7 +11,7 @@ import json
 import os
 import string
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -188,8 +188,13 @@ yaml_texts = (documents.map(lambda d: json.dumps(d)) | json_values.map(json.dump
 @example("kind: IPPoolList\nitems: 5\n")
 @example("kind: BGPPeerList\nitems: {a: 1}\n")
 def test_calicoctl_reads_any_file_into_documents_or_one_clean_error(text: str) -> None:
+    documents_or_one_clean_error(io.StringIO(text))
+
+
+def documents_or_one_clean_error(stdin: TextIO) -> None:
+    """Every document of ``stdin`` validated, or one clean line for the whole file or each document."""
     try:
-        for label, document in read_documents("-", io.StringIO(text)):
+        for label, document in read_documents("-", stdin):
             try:
                 normalise(label, document)
             except UserError as exc:
@@ -203,14 +208,7 @@ def test_calicoctl_reads_any_file_into_documents_or_one_clean_error(text: str) -
 @example(b"\x1f\x8b\x08\x00 gzip")
 @example(b"kind: IPPool\nmetadata: {name: \xff}\n")
 def test_calicoctl_reads_any_bytes_into_documents_or_one_clean_error(data: bytes) -> None:
-    try:
-        for label, document in read_documents("-", io.TextIOWrapper(io.BytesIO(data))):
-            try:
-                normalise(label, document)
-            except UserError as exc:
-                one_clean_line(exc)
-    except UserError as exc:
-        one_clean_line(exc)
+    documents_or_one_clean_error(io.TextIOWrapper(io.BytesIO(data)))
 
 
 argv_words = st.sampled_from(["apply", "create", "get", "delete", "ipam", "show", "check", "release", "configure",
@@ -300,16 +298,16 @@ def test_refused_routes_are_counted_once_per_announcement_and_exposed_as_a_metri
     update(mesh, ["10.244.9.0/26"], **{"local-preference": 100})
     update(rogue, ["0.0.0.0/0", "192.0.2.0/24", "10.244.9.16/28", "10.244.9.0/26"],
            **{"local-preference": 1000, "as-path": [65066]})
-    assert sync.learned_changes() == {"10.244.9.0/26": (mesh,), "0.0.0.0/0": (), "192.0.2.0/24": (),
+    assert speaker.learned_changes() == {"10.244.9.0/26": (mesh,), "0.0.0.0/0": (), "192.0.2.0/24": (),
                                       "10.244.9.16/28": ()}  # the rogue's LOCAL_PREF is ignored: node2's path wins
     counts = {(rogue, DEFAULT_ROUTE): 1, (rogue, OUTSIDE_POOLS): 1, (rogue, MORE_SPECIFIC): 1}
     assert sync.rejected_total == counts
-    assert sync.learned() == {"10.244.9.0/26": (mesh,)} and sync.learned_changes() == {}
+    assert speaker.learned() == {"10.244.9.0/26": (mesh,)} and speaker.learned_changes() == {}
     assert sync.rejected_total == counts  # the filter ran again; the peer announced nothing new
     update(rogue, withdraw=["192.0.2.0/24"])
-    sync.learned_changes()
+    speaker.learned_changes()
     update(rogue, ["192.0.2.0/24"])  # announced again after a withdrawal: counted again
-    sync.learned_changes()
+    speaker.learned_changes()
     assert sync.rejected_total[(rogue, OUTSIDE_POOLS)] == 2
     speaker.peers[rogue].downs, speaker.peers[rogue].last_down = 1, "notification sent (3,1)"
     sync.note_malformed()
@@ -317,7 +315,7 @@ def test_refused_routes_are_counted_once_per_announcement_and_exposed_as_a_metri
     assert sync.rejected_total[(rogue, MALFORMED)] == 1
 
     update(rogue, ["10.244.9.64/26"], med=-1)  # a malformed attribute: the route is treated as withdrawn
-    assert "10.244.9.64/26" not in sync.learned()
+    assert "10.244.9.64/26" not in speaker.learned()
 
     snapshot = {"peers": sync.status(), "reconcile": {"runs": 0, "fast_runs": 0, "errors": 0, "last_seconds": 0.0},
                 "workloads": 0, "datastore": {"failovers": 0},
@@ -351,7 +349,7 @@ def test_a_flood_of_refused_routes_logs_a_bounded_number_of_lines(tmp_path: Path
     speaker.rib.set_filter(PoolFilter(POOLS[:1]))
     speaker.rib.tables["10.0.0.66"] = {f"192.0.{i // 256}.{i % 256}/32": BGPPath("10.0.0.66") for i in range(5000)}
     with caplog.at_level("WARNING", logger="calico-py-node.bgp"):
-        assert sync.learned() == {}
+        assert speaker.learned() == {}
     assert sync.rejected_total == {("10.0.0.66", OUTSIDE_POOLS): 5000}
     assert len(caplog.records) == 21 and "4980 more routes rejected" in caplog.records[-1].getMessage()
 

@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from bgpd.controller import (
+from bgpd.controllers.plan import (
     ControllerConfigError,
     EndpointRecord,
     Observed,

@@ -21,7 +21,7 @@ OWN = {RouteSpec("10.244.1.0/26", kind="blackhole"), RouteSpec("10.244.1.1/32", 
 
 
 class Peers:
-    """What the BGP sync would hand the reconciler: the whole table, and the changes since the last call."""
+    """A route feed as the node's BGP table gives it: the whole table, and the changes since the last call."""
 
     def __init__(self) -> None:
         self.table: dict[str, tuple[str, ...]] = {}
@@ -34,16 +34,21 @@ class Peers:
             del self.table[prefix]
         self.changed[prefix] = next_hops
 
+    def learned(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.table)
+
     def changes(self) -> dict[str, tuple[str, ...]]:
         changed, self.changed = self.changed, {}
         return changed
+
+    def keeps_startup_routes(self, now: float) -> bool:
+        return self.keep
 
 
 def reconciler(kernel: FakeKernel, peers: Peers, view: NodeView = VIEW) -> RouteReconciler:
     kernel.interfaces |= {"cali1"}
     kernel.connected = list(UNDERLAY)
-    return RouteReconciler(lambda: view, kernel, "node1", 60.0, learned=lambda: dict(peers.table),
-                           learned_changes=peers.changes, keep_startup_routes=lambda: peers.keep)
+    return RouteReconciler(lambda: view, kernel, "node1", 60.0, feed=peers)
 
 
 def run(coroutine: object) -> object:
@@ -95,7 +100,7 @@ def test_after_a_restart_only_routes_found_at_start_are_kept_and_a_withdrawal_go
 def test_a_pod_gone_from_the_view_loses_its_route() -> None:
     kernel = FakeKernel()
     view = {"now": VIEW}
-    routes = RouteReconciler(lambda: view["now"], kernel, "node1", 60.0, learned=dict, learned_changes=dict)
+    routes = RouteReconciler(lambda: view["now"], kernel, "node1", 60.0)
     kernel.interfaces |= {"cali1"}
     run(routes.reconcile_once())
     view["now"] = replace(VIEW, endpoints=())

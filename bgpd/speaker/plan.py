@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from bgpd.speaker.peers import MESH_PASSWORD, NodeInfo, PeerSpec, announcements, desired_peers, secret_ref
 from bgpd.speaker.rib import DEFAULT_RESTART_TIME
 from bgpd.view import NodeView
-from ipam.model import IPPool
+from ipam.model import IPAddress, IPPool
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,13 @@ def secret_refs(view: NodeView) -> dict[str, tuple[str, str]]:
             for p in view.bgp_peers}
     refs[MESH_PASSWORD] = secret_ref((view.bgp_configuration or {}).get("spec") or {}, "nodeMeshPassword")
     return {name: ref for name, ref in refs.items() if ref is not None}
+
+
+def borrowed_addresses(view: NodeView) -> frozenset[IPAddress]:
+    """This node's workload addresses outside its own blocks: each is announced as a /32 (/128)."""
+    return frozenset(address for endpoint in view.endpoints for network in endpoint.ip_networks
+                     if not any((address := ipaddress.ip_interface(network).ip) in block
+                                for block in view.affinities))
 
 
 def plan_speaker(view: NodeView, passwords: Mapping[str, str]) -> SpeakerPlan | None:

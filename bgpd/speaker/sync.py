@@ -18,9 +18,9 @@ from typing import Any
 from bgpd.loops import Backoff, guarded
 from bgpd.speaker.exabgp import ExaBGP
 from bgpd.speaker.peers import MALFORMED, PoolFilter
-from bgpd.speaker.plan import plan_speaker, secret_refs
+from bgpd.speaker.plan import borrowed_addresses, plan_speaker, secret_refs
 from bgpd.speaker.rib import Session
-from bgpd.view import BLOCKS, NodeView
+from bgpd.view import BLOCKS, ENDPOINTS, NodeView
 
 log = logging.getLogger("calico-py-node.bgp")
 # Besides every change of the view, a sync this often: a password Secret file changed on disk is seen by no watch.
@@ -53,6 +53,7 @@ class BGPSync:
         self.interval = interval
         self._pools: tuple[Any, ...] | None = None  # the pools the import filter was last built from
         self._downs_seen: dict[str, int] = {}  # peer -> its session losses already looked at
+        self._borrowed: frozenset[Any] = frozenset()  # this node's borrowed addresses, as the last wake saw them
         speaker.rib.set_filter(PoolFilter([]))  # nothing is accepted before the pools are read
 
     @property
@@ -109,8 +110,15 @@ class BGPSync:
 
     def on_view_change(self, changed: set[str]) -> None:
         """The view changed: every watched prefix but the IPAM blocks (which the overlay reads) can change what the
-        speaker runs."""
-        if changed - {BLOCKS}:
+        speaker runs. Of this node's endpoints (every pod it starts writes one) only a borrowed address changes
+        what it announces."""
+        changed = changed - {BLOCKS}
+        if changed == {ENDPOINTS}:
+            borrowed = borrowed_addresses(self.view())
+            if borrowed == self._borrowed:
+                return
+            self._borrowed = borrowed
+        if changed:
             self.wake()
 
     async def run(self) -> None:

@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
+from pathlib import Path
 
 from bgpd.resources import WorkloadEndpoint
+from bgpd.speaker.exabgp import ExaBGP
 from bgpd.speaker.peers import MESH_PASSWORD
-from bgpd.speaker.plan import plan_speaker, restart_seconds, secret_refs
-from bgpd.view import NodeView
+from bgpd.speaker.plan import borrowed_addresses, plan_speaker, restart_seconds, secret_refs
+from bgpd.speaker.sync import BGPSync
+from bgpd.view import ENDPOINTS, NodeView
 from ipam.model import IPPool
 
 POOL = IPPool("p", ipaddress.ip_network("10.244.0.0/16"), 26)
@@ -36,3 +40,17 @@ def test_the_plan_follows_the_view() -> None:
 def test_no_node_resource_no_plan_and_durations_as_calico_writes_them() -> None:
     assert plan_speaker(NodeView("node3", nodes=NODES), {}) is None
     assert [restart_seconds(d) for d in (None, "0s", "2m", "1m30s", "bogus")] == [120, 0, 120, 90, 120]
+
+
+def test_only_a_borrowed_address_among_this_nodes_endpoints_wakes_the_bgp_sync(tmp_path: Path) -> None:
+    own = WorkloadEndpoint("ns", "node1-k8s-a-eth0", "node1", "c", "a", "eth0", "calia", ("10.244.1.5/32",), "",
+                           "k8s")
+    view = {"now": NodeView("node1", nodes=NODES, affinities=(ipaddress.ip_network("10.244.1.0/26"),),
+                            endpoints=(own,))}
+    sync = BGPSync(lambda: view["now"], ExaBGP(tmp_path, "10.0.0.11", on_routes=lambda: None))
+    assert borrowed_addresses(view["now"]) == frozenset()
+    sync.on_view_change({ENDPOINTS})
+    assert not sync._wake.is_set()  # a pod inside this node's block: nothing new to announce
+    view["now"] = replace(view["now"], endpoints=(own, BORROWED))
+    sync.on_view_change({ENDPOINTS})
+    assert sync._wake.is_set() and borrowed_addresses(view["now"]) == {ipaddress.ip_address("10.244.9.7")}

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from tests.eventually import within
+
 __all__ = [
     "ETCDCTL_BINARY",
     "ETCD_BINARY",
@@ -49,6 +51,7 @@ ETCD_BINARY = shutil.which("etcd") or "/usr/bin/etcd"
 ETCDCTL_BINARY = shutil.which("etcdctl") or "/usr/bin/etcdctl"
 
 POLL_INTERVAL = 0.05
+LEADER_ALONE_SECONDS = 2.0  # how long a stopping leader is given to see its followers go
 STOP_TIMEOUT = 10.0
 START_TIMEOUT = 30.0
 START_ATTEMPTS = 4
@@ -399,16 +402,14 @@ class EtcdMember:
     def wait_healthy(self, timeout: float) -> None:
         """Poll ``/health`` until it says healthy; RuntimeError (with the log's tail) on timeout or exit."""
         deadline = time.monotonic() + timeout
-        while True:
+
+        def healthy() -> bool:
             self.check_alive()
-            remaining = deadline - time.monotonic()
-            if self.probe_health(timeout=max(0.05, min(1.0, remaining))):
-                return
-            if time.monotonic() >= deadline:
-                raise EtcdStartError(
-                    f"etcd member {self.name} ({self.client_url}) not healthy after {timeout:.1f}s; "
-                    f"last lines of {self.log_path}:\n{self.log_tail()}")
-            time.sleep(POLL_INTERVAL)
+            return self.probe_health(timeout=max(0.05, min(1.0, deadline - time.monotonic())))
+        if not within(healthy, timeout, POLL_INTERVAL):
+            raise EtcdStartError(
+                f"etcd member {self.name} ({self.client_url}) not healthy after {timeout:.1f}s; "
+                f"last lines of {self.log_path}:\n{self.log_tail()}")
 
 
 class EtcdCluster:
@@ -486,28 +487,28 @@ class EtcdCluster:
 
     @staticmethod
     def _wait_peer_serving(member: EtcdMember, deadline: float) -> None:
-        while not member.probe_peer_serving():
+        def serving() -> bool:
+            if member.probe_peer_serving():
+                return True
             member.check_alive()
-            if time.monotonic() >= deadline:
-                raise EtcdStartError(f"etcd member {member.name} does not serve its peer port "
-                                     f"{member.peer_url}; last lines of {member.log_path}:\n"
-                                     f"{member.log_tail()}")
-            time.sleep(POLL_INTERVAL)
+            return False
+        if not within(serving, deadline - time.monotonic(), POLL_INTERVAL):
+            raise EtcdStartError(f"etcd member {member.name} does not serve its peer port "
+                                 f"{member.peer_url}; last lines of {member.log_path}:\n"
+                                 f"{member.log_tail()}")
 
     def _wait_all_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
         pending = list(self.members)
-        while pending:
+
+        def all_healthy() -> bool:
             for member in pending:
                 member.check_alive()
-            pending = [member for member in pending if not member.probe_health(timeout=0.5)]
-            if not pending:
-                return
-            if time.monotonic() >= deadline:
-                tails = "\n".join(f"--- {m.name} ({m.log_path}):\n{m.log_tail()}" for m in pending)
-                raise EtcdStartError(f"etcd members {[m.name for m in pending]} not healthy after "
-                                     f"{timeout:.1f}s:\n{tails}")
-            time.sleep(POLL_INTERVAL)
+            pending[:] = [member for member in pending if not member.probe_health(timeout=0.5)]
+            return not pending
+        if not within(all_healthy, timeout, POLL_INTERVAL):
+            tails = "\n".join(f"--- {m.name} ({m.log_path}):\n{m.log_tail()}" for m in pending)
+            raise EtcdStartError(f"etcd members {[m.name for m in pending]} not healthy after "
+                                 f"{timeout:.1f}s:\n{tails}")
 
     def kill(self, index: int) -> None:
         self.members[index].kill()
@@ -526,11 +527,10 @@ class EtcdCluster:
         member.stop()
         deadline = time.monotonic() + timeout
         # While it was down, an outgoing connection may have borrowed one of its ports as its local port.
-        while not (_port_bindable(member.client_port) and _port_bindable(member.peer_port)):
-            if time.monotonic() >= deadline:
-                raise EtcdStartError(f"ports of etcd member {member.name} still taken after {timeout:.1f}s",
-                                     address_in_use=True)
-            time.sleep(POLL_INTERVAL)
+        if not within(lambda: _port_bindable(member.client_port) and _port_bindable(member.peer_port), timeout,
+                      POLL_INTERVAL):
+            raise EtcdStartError(f"ports of etcd member {member.name} still taken after {timeout:.1f}s",
+                                 address_in_use=True)
         member.start(self.initial_cluster, "existing")
         try:
             member.wait_healthy(max(1.0, deadline - time.monotonic()))
@@ -552,9 +552,7 @@ class EtcdCluster:
         for member in [*followers, *leaders]:
             try:
                 if member in leaders:
-                    deadline = time.monotonic() + 2.0
-                    while member.active_peers() > 0 and time.monotonic() < deadline:
-                        time.sleep(POLL_INTERVAL)
+                    within(lambda member=member: member.active_peers() == 0, LEADER_ALONE_SECONDS, POLL_INTERVAL)
                 member.stop()
             except Exception as exc:  # keep going: the other members must go down too
                 errors.append(exc)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from containerlab import netns, runner
-from tests.lab.bgp import has_route, mesh_with, place_pods, sessions
+from tests.lab.bgp import has_route, mesh_with, place_pods, sessions_of
 from tests.lab.cni import CONF, NETWORK, Pods, Runtime, ipam_state
 from tests.lab.daemon import daemon_log
 from tests.lab.handle import Deployer, LabHandle
@@ -127,7 +127,7 @@ def test_node_churn_20_cycles_converges_without_stale_routes(lab: Deployer, pods
 
             def converged(ups_before: dict[str, int] = ups_before) -> bool:
                 return (all(peer_ups(handle, node, addresses[CHURNED]) > ups_before[node] for node in STEADY)
-                        and all(len(sessions(handle, node)) == 2 for node in NODES)
+                        and all(len(peers) == 2 for peers in sessions_of(handle, NODES).values())
                         and not route_mismatch(handle, addresses, pods_on))
             try:
                 handle.wait_for(converged, CONVERGE_TIMEOUT, f"the mesh to converge after rejoin {cycle}")
@@ -135,7 +135,7 @@ def test_node_churn_20_cycles_converges_without_stale_routes(lab: Deployer, pods
                 mismatch = route_mismatch(handle, addresses, pods_on)
                 stale_found += sum(len(m["stale"]) for m in mismatch.values())
                 raise AssertionError(f"cycle {cycle}: not converged; routes: {mismatch}; sessions: "
-                                     f"{ {node: sessions(handle, node) for node in NODES} }") from None
+                                     f"{sessions_of(handle, NODES)}") from None
             converge_times.append(time.monotonic() - rejoin_at)
 
             # The runtime deletes the pod that died with the node (its address goes back), then starts a new one.
@@ -216,7 +216,7 @@ def test_a_node_away_longer_than_the_restart_time_is_withdrawn_everywhere_and_re
     rejoin_at = time.monotonic()
     handle.lab.deploy()
     pods_on[CHURNED] = set()
-    handle.wait_for(lambda: all(len(sessions(handle, node)) == 2 for node in NODES)
+    handle.wait_for(lambda: all(len(peers) == 2 for peers in sessions_of(handle, NODES).values())
                     and not route_mismatch(handle, addresses, pods_on), CONVERGE_TIMEOUT, "the mesh after rejoin")
     back_after = time.monotonic() - rejoin_at
     fault_report.runs = 1

@@ -29,7 +29,7 @@ from containerlab import netns
 from containerlab.netns import Process
 from ipam.datastore import DEFAULT_ENDPOINTS, EtcdConfig
 from tests.eventually import within
-from tests.lab.bgp import CLI, place_pods, sessions
+from tests.lab.bgp import CLI, place_pods, wait_mesh
 from tests.lab.cni import Call, Pods, Runtime, cali_links, host_routes
 from tests.lab.daemon import daemon_log, daemon_process
 from tests.lab.handle import Deployer, LabHandle
@@ -274,9 +274,7 @@ def add_until_it_works(rt: Runtime, ns: str, container: str, timeout: float) -> 
 def etcd3(module_lab: Deployer) -> LabHandle:
     """One lab for the three faults: each starts again what it stopped and waits for the cluster to be healthy."""
     handle = module_lab(TOPOLOGY)
-    for node in NODES:
-        handle.wait_for(lambda node=node: len(sessions(handle, node)) == 2, timeout=CONVERGE_SECONDS,
-                        what=f"{node} to have Established sessions to both other nodes")
+    wait_mesh(handle, NODES, CONVERGE_SECONDS)
     handle.wait_for(lambda: cluster_health(handle), timeout=CONVERGE_SECONDS, what="the etcd cluster to be healthy")
     return handle
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -65,11 +66,16 @@ def has_route(handle: LabHandle, node: str, address: str) -> bool:
     return "via" in handle.exec(node, "ip", "route", "show", "proto", "80", "match", address).stdout
 
 
+def sessions_of(handle: LabHandle, nodes: tuple[str, ...]) -> dict[str, list[str]]:
+    """:func:`sessions` of every node, asked side by side (each answer is a calicoctl-py run)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+        return dict(zip(nodes, pool.map(lambda node: sessions(handle, node), nodes), strict=True))
+
+
 def wait_mesh(handle: LabHandle, nodes: tuple[str, ...] = MESH3_NODES, timeout: float = SESSION_SECONDS) -> None:
     """Every node has Established sessions to every other (a full mesh)."""
-    for node in nodes:
-        handle.wait_for(lambda node=node: len(sessions(handle, node)) == len(nodes) - 1, timeout,
-                        f"{node} to have Established sessions to the {len(nodes) - 1} other nodes")
+    handle.wait_for(lambda: all(len(peers) == len(nodes) - 1 for peers in sessions_of(handle, nodes).values()),
+                    timeout, f"each of {', '.join(nodes)} to have Established sessions to the other nodes")
 
 
 def mesh3(deploy: Callable[..., LabHandle]) -> LabHandle:

@@ -221,7 +221,7 @@ class NodeDaemon:
         log.info("stopping")
         for server in self.servers:
             await server.stop()
-        for task in self.tasks:
+        for task in reversed(self.tasks):  # the loops that act first, the view they read last
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

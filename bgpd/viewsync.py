@@ -60,7 +60,7 @@ class ViewKeeper:
         try:
             await self._watch(prefixes, self._ready)
         finally:
-            await self._watch_blocks(False)
+            await self._stop_blocks()  # the view stays as it was: stopping is no change to decide on
 
     async def _watch(self, prefixes: list[str], listed: asyncio.Event) -> None:
         last_error = ""
@@ -98,10 +98,14 @@ class ViewKeeper:
             self._blocks_ready.clear()
             self._blocks_task = asyncio.create_task(self._watch([BLOCKS], self._blocks_ready))
         elif not wanted and self._blocks_task is not None:
-            task, self._blocks_task = self._blocks_task, None
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await self._stop_blocks()
             self.builder.with_blocks(False)
             for listener in self.listeners:
                 listener({BLOCKS})
+
+    async def _stop_blocks(self) -> None:
+        task, self._blocks_task = self._blocks_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -108,3 +108,21 @@ async def test_a_steady_state_full_reconcile_and_bgp_sync_make_no_etcd_request(e
             assert set(sync.speaker.rib.sessions) == {"10.0.0.12"}
             assert sync.speaker.wanted == {str(BLOCK)} and kernel.reads == 3
             assert isinstance(keeper.view(), NodeView)
+
+
+async def test_stopping_the_view_tells_no_listener_of_a_change(etcd_endpoints: list[str]) -> None:
+    """Cancelling the watch (the daemon stopping) is no change to decide on: a listener woken then would take
+    the VXLAN routes out of the kernel on the way down."""
+    async with Datastore(EtcdConfig.parse(etcd_endpoints)) as store:
+        await seed(store)
+        keeper = ViewKeeper(store, "node1", wants_blocks=lambda view: True)
+        heard: list[set[str]] = []
+        keeper.subscribe(heard.append)
+        task = asyncio.create_task(keeper.run())
+        view = await asyncio.wait_for(keeper.ready(), DEADLINE)
+        assert view.blocks is not None  # the blocks are watched
+        heard.clear()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert heard == [] and keeper.view().blocks is not None

@@ -9,6 +9,7 @@ sync read that value: in steady state they make no etcd request.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -19,7 +20,7 @@ from bgpd.resources import WorkloadEndpoint
 from bgpd.speaker.peers import config_problem, node_problem, peer_problem
 from ipam import keys
 from ipam.errors import InvalidResource, IPAMError
-from ipam.model import Block, BlockAffinity, IPNetwork, IPPool
+from ipam.model import Block, BlockAffinity, IPAddress, IPNetwork, IPPool
 
 log = logging.getLogger("calico-py-node.view")
 
@@ -45,6 +46,7 @@ class NodeView:
     affinities: tuple[IPNetwork, ...] = ()  # this node's confirmed blocks
     endpoints: tuple[WorkloadEndpoint, ...] = ()  # this node's
     blocks: tuple[Block, ...] | None = None  # every IPv4 block, when watched (None: not watched)
+    borrowed: frozenset[IPAddress] = frozenset()  # this node's workload addresses outside its own blocks
     problems: tuple[str, ...] = ()  # "<key>: <why>" for each resource left out
 
 
@@ -103,6 +105,9 @@ class ViewBuilder:
             self.parsers[BLOCKS] = _block
         self.entries: dict[str, dict[str, Any]] = {prefix: {} for prefix in self.parsers}
         self.problems: dict[str, str] = {}  # key -> why it is left out
+        # Endpoint key -> its addresses outside this node's blocks (borrowed), kept as each endpoint changes: every
+        # pod started is an event, and looking at all of them each time cost the CNI path.
+        self._outside: dict[str, frozenset[IPAddress]] = {}
         self.revision = 0
         self._view: NodeView | None = None
         self._warned: set[str] = set()
@@ -138,6 +143,7 @@ class ViewBuilder:
                 changed.add(prefix)
         self.revision = max(self.revision, revision)
         self._view = None
+        self._all_outside()
         return changed
 
     def event(self, revision: int, key: str, value: bytes | None) -> str | None:
@@ -155,6 +161,10 @@ class ViewBuilder:
         if self.entries[prefix].get(key) == before:
             return None
         self._view = None
+        if prefix == ENDPOINTS:
+            self._endpoint_outside(key)
+        elif prefix == keys.host_prefix(self.node):
+            self._all_outside()
         return prefix
 
     def local_endpoint(self, key: str, endpoint: WorkloadEndpoint | None) -> None:
@@ -165,6 +175,22 @@ class ViewBuilder:
         else:
             self.entries[ENDPOINTS][key] = endpoint
         self._view = None
+        self._endpoint_outside(key)
+
+    def _endpoint_outside(self, key: str) -> None:
+        endpoint = self.entries[ENDPOINTS].get(key)
+        blocks = list(self.entries[keys.host_prefix(self.node)].values())
+        addresses = [ipaddress.ip_interface(network).ip for network in (endpoint.ip_networks if endpoint else ())]
+        outside = frozenset(a for a in addresses if not any(a in block for block in blocks))
+        if outside:
+            self._outside[key] = outside
+        else:
+            self._outside.pop(key, None)
+
+    def _all_outside(self) -> None:
+        self._outside = {}
+        for key in self.entries[ENDPOINTS]:
+            self._endpoint_outside(key)
 
     def prefix_of(self, key: str) -> str | None:
         return next((prefix for prefix in self.parsers if key.startswith(prefix)), None)
@@ -199,5 +225,6 @@ class ViewBuilder:
                                         key=lambda c: (c.version, c))),
                 endpoints=tuple(e for _, e in sorted(self.entries[ENDPOINTS].items())),
                 blocks=tuple(self.entries[BLOCKS].values()) if BLOCKS in self.entries else None,
+                borrowed=frozenset().union(*self._outside.values()),
                 problems=tuple(f"{k}: {w}" for k, w in sorted(self.problems.items())))
         return self._view

@@ -89,8 +89,15 @@ class ViewKeeper:
                        if (prefix := self.builder.event(event.revision, event.key,
                                                         None if event.deleted else event.kv.value)) is not None}
         if changed:
-            for listener in self.listeners:
+            self._tell(changed)
+
+    def _tell(self, changed: set[str]) -> None:
+        """Each listener hears of the change; one that fails is a bug to log, not a reason to stop watching."""
+        for listener in self.listeners:
+            try:
                 listener(changed)
+            except Exception:
+                log.exception("a listener of the node's view failed on a change of %s", ", ".join(sorted(changed)))
 
     async def _watch_blocks(self, wanted: bool) -> None:
         if wanted and self._blocks_task is None:
@@ -100,8 +107,7 @@ class ViewKeeper:
         elif not wanted and self._blocks_task is not None:
             await self._stop_blocks()
             self.builder.with_blocks(False)
-            for listener in self.listeners:
-                listener({BLOCKS})
+            self._tell({BLOCKS})
 
     async def _stop_blocks(self) -> None:
         task, self._blocks_task = self._blocks_task, None

@@ -4,7 +4,6 @@ the route-reflector cluster id. The BGP sync applies a :class:`SpeakerPlan` thro
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 from bgpd.speaker.peers import MESH_PASSWORD, NodeInfo, PeerSpec, announcements, desired_peers, secret_ref
 from bgpd.speaker.rib import DEFAULT_RESTART_TIME
 from bgpd.view import NodeView
-from ipam.model import IPAddress, IPPool
+from ipam.model import IPPool
 
 
 @dataclass(frozen=True)
@@ -43,13 +42,6 @@ def secret_refs(view: NodeView) -> dict[str, tuple[str, str]]:
     return {name: ref for name, ref in refs.items() if ref is not None}
 
 
-def borrowed_addresses(view: NodeView) -> frozenset[IPAddress]:
-    """This node's workload addresses outside its own blocks: each is announced as a /32 (/128)."""
-    return frozenset(address for endpoint in view.endpoints for network in endpoint.ip_networks
-                     if not any((address := ipaddress.ip_interface(network).ip) in block
-                                for block in view.affinities))
-
-
 def plan_speaker(view: NodeView, passwords: Mapping[str, str]) -> SpeakerPlan | None:
     """What the speaker should run, or None while this node has no Node resource (nothing to peer as)."""
     nodes = [NodeInfo.from_v3(obj) for obj in view.nodes.values()]
@@ -57,10 +49,9 @@ def plan_speaker(view: NodeView, passwords: Mapping[str, str]) -> SpeakerPlan | 
     if me is None:
         return None
     config = view.bgp_configuration
-    local = [ipaddress.ip_interface(n).ip for endpoint in view.endpoints for n in endpoint.ip_networks]
     return SpeakerPlan(
         peers=tuple(desired_peers(me, nodes, config, view.bgp_peers, passwords)),
-        announcements=frozenset(announcements(view.affinities, view.pools, local)),
+        announcements=frozenset(announcements(view.affinities, view.pools, view.borrowed)),
         pools=view.pools,
         graceful_restart=restart_seconds(((config or {}).get("spec") or {}).get("nodeMeshMaxRestartTime")),
         cluster_id=me.rr_cluster_id)

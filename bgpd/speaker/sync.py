@@ -18,7 +18,7 @@ from typing import Any
 from bgpd.loops import Backoff, guarded
 from bgpd.speaker.exabgp import ExaBGP
 from bgpd.speaker.peers import MALFORMED, PoolFilter
-from bgpd.speaker.plan import borrowed_addresses, plan_speaker, secret_refs
+from bgpd.speaker.plan import plan_speaker, secret_refs
 from bgpd.speaker.rib import Session
 from bgpd.view import BLOCKS, ENDPOINTS, NodeView
 
@@ -114,7 +114,7 @@ class BGPSync:
         what it announces."""
         changed = changed - {BLOCKS}
         if changed == {ENDPOINTS}:
-            borrowed = borrowed_addresses(self.view())
+            borrowed = self.view().borrowed
             if borrowed == self._borrowed:
                 return
             self._borrowed = borrowed

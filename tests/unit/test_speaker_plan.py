@@ -10,7 +10,7 @@ from pathlib import Path
 from bgpd.resources import WorkloadEndpoint
 from bgpd.speaker.exabgp import ExaBGP
 from bgpd.speaker.peers import MESH_PASSWORD
-from bgpd.speaker.plan import borrowed_addresses, plan_speaker, restart_seconds, secret_refs
+from bgpd.speaker.plan import plan_speaker, restart_seconds, secret_refs
 from bgpd.speaker.sync import BGPSync
 from bgpd.view import ENDPOINTS, NodeView
 from ipam.model import IPPool
@@ -26,6 +26,7 @@ BORROWED = WorkloadEndpoint("ns", "node1-k8s-b-eth0", "node1", "c", "b", "eth0",
 
 def test_the_plan_follows_the_view() -> None:
     view = NodeView("node1", nodes=NODES, pools=(POOL, PRIVATE), endpoints=(BORROWED,),
+                    borrowed=frozenset({ipaddress.ip_address("10.244.9.7")}),
                     affinities=(ipaddress.ip_network("10.244.1.0/26"), ipaddress.ip_network("10.245.1.0/26")),
                     bgp_configuration={"spec": {"nodeMeshMaxRestartTime": "30s",
                                                 "nodeMeshPassword": {"secretKeyRef": {"name": "s", "key": "k"}}}})
@@ -43,14 +44,10 @@ def test_no_node_resource_no_plan_and_durations_as_calico_writes_them() -> None:
 
 
 def test_only_a_borrowed_address_among_this_nodes_endpoints_wakes_the_bgp_sync(tmp_path: Path) -> None:
-    own = WorkloadEndpoint("ns", "node1-k8s-a-eth0", "node1", "c", "a", "eth0", "calia", ("10.244.1.5/32",), "",
-                           "k8s")
-    view = {"now": NodeView("node1", nodes=NODES, affinities=(ipaddress.ip_network("10.244.1.0/26"),),
-                            endpoints=(own,))}
+    view = {"now": NodeView("node1", nodes=NODES, affinities=(ipaddress.ip_network("10.244.1.0/26"),))}
     sync = BGPSync(lambda: view["now"], ExaBGP(tmp_path, "10.0.0.11", on_routes=lambda: None))
-    assert borrowed_addresses(view["now"]) == frozenset()
     sync.on_view_change({ENDPOINTS})
     assert not sync._wake.is_set()  # a pod inside this node's block: nothing new to announce
-    view["now"] = replace(view["now"], endpoints=(own, BORROWED))
+    view["now"] = replace(view["now"], borrowed=frozenset({ipaddress.ip_address("10.244.9.7")}))
     sync.on_view_change({ENDPOINTS})
-    assert sync._wake.is_set() and borrowed_addresses(view["now"]) == {ipaddress.ip_address("10.244.9.7")}
+    assert sync._wake.is_set()

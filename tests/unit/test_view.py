@@ -88,3 +88,15 @@ def test_blocks_are_kept_only_while_watched() -> None:
     assert [b.cidr for b in builder.view().blocks or ()] == [BLOCK]
     builder.with_blocks(False)
     assert builder.view().blocks is None
+
+
+def test_the_view_knows_this_nodes_borrowed_addresses_as_endpoints_and_blocks_change() -> None:
+    builder = ViewBuilder("node1")
+    builder.resync(1, {ENDPOINTS: [endpoint("node1", "a", "10.244.1.1")]})
+    assert builder.view().borrowed == {ipaddress.ip_address("10.244.1.1")}  # no block yet: borrowed
+    builder.event(2, keys.affinity_key("node1", BLOCK), b'{"state":"confirmed"}')
+    assert builder.view().borrowed == frozenset()
+    builder.event(3, *endpoint("node1", "b", "10.244.7.9"))
+    assert builder.view().borrowed == {ipaddress.ip_address("10.244.7.9")}
+    builder.event(4, endpoint("node1", "b", "")[0], None)
+    assert builder.view().borrowed == frozenset()

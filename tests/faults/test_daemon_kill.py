@@ -200,7 +200,10 @@ def test_daemon_sigkill_during_add_storm(lab: Deployer, pods: Pods, tmp_path: Pa
             down = runtime.add(probe_id, probe_ns, pod=probe_id)
             fail_fast.append(time.monotonic() - asked)
             assert down.rc != 0, down
-            assert down.json["code"] == 11 and "not running" in down.json["msg"], down
+            # Code 11 either way: "not running", or "did not answer" when a child the daemon was forking as it died
+            # still held its socket until it exec'd (the connection is then reset).
+            assert down.json["code"] == 11 and ("not running" in down.json["msg"]
+                                                or "did not answer" in down.json["msg"]), down
             assert fail_fast[-1] < FAIL_FAST_SECONDS, f"ADD with the daemon down took {fail_fast[-1]:.2f}s"
             assert [link["ifname"] for link in json.loads(in_ns(probe_ns, "ip", "-j", "link").stdout)] == ["lo"]
             failed.append((probe_id, probe_ns))

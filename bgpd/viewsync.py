@@ -29,7 +29,7 @@ class ViewKeeper:
     def __init__(self, store: Datastore, node: str, wants_blocks: Callable[[NodeView], bool] = lambda view: False
                  ) -> None:
         self.store = store
-        self.builder = ViewBuilder(node, with_blocks=False)
+        self.builder = ViewBuilder(node)
         self.wants_blocks = wants_blocks
         self.listeners: list[Listener] = []
         self.lists = 0  # resyncs: one list of the watched prefixes each

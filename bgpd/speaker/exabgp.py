@@ -116,10 +116,6 @@ class ExaBGP:
     def learned_changes(self) -> Routes:
         return self.rib.changes()
 
-    def keeps_startup_routes(self) -> bool:
-        """See :meth:`Rib.keeps_startup_routes`."""
-        return self.rib.keeps_startup_routes(time.monotonic())
-
     def expire_stale(self) -> None:
         """Drop routes of peers that did not come back within the graceful-restart time (and end the start-up
         rule when its time is up)."""

@@ -115,8 +115,10 @@ class RouteDiff:
 
 def diff_routes(desired: set[RouteSpec], actual: set[RouteSpec]) -> RouteDiff:
     """What to add and remove so the kernel's routes of our protocol equal ``desired``. A destination whose
-    route changed shape is removed, then added."""
-    return RouteDiff(add=tuple(sorted(desired - actual)), remove=tuple(sorted(actual - desired)))
+    route changed shape is only added: the add replaces it in place, with no gap in forwarding."""
+    add = tuple(sorted(desired - actual))
+    added = {spec.dst for spec in add}
+    return RouteDiff(add=add, remove=tuple(sorted(s for s in actual - desired if s.dst not in added)))
 
 
 # ------------------------------------------------------------------ routes kept over a daemon restart

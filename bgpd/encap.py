@@ -148,12 +148,6 @@ def ipip_device(prefix: str, gateway: str, pools: Iterable[IPPool], me: ipaddres
     return encapsulates(pool.ipip_mode, me, ipaddress.IPv4Interface(f"{gateway}/32"))
 
 
-def merge_routes(encap: set[RouteSpec], learned: set[RouteSpec]) -> set[RouteSpec]:
-    """Encapsulated (datastore) routes win over BGP-learned ones for the same prefix."""
-    taken = {r.dst for r in encap}
-    return encap | {r for r in learned if r.dst not in taken}
-
-
 def remote_prefixes(blocks: Iterable[Block]) -> dict[IPNetwork, str]:
     """Which node holds what, from the IPAM blocks: each affine block -> its node, and each address a node holds
     in another node's block (borrowed) -> the borrowing node, as a /32 (/128) that wins over the block."""

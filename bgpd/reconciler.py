@@ -13,7 +13,15 @@ from typing import Any, Protocol
 
 from bgpd import desired, encap
 from bgpd.dataplane import routes
-from bgpd.encap import merge_routes
+from bgpd.dataplane.route_table import (
+    BGP_ROUTES,
+    BLOCK_ROUTES,
+    KEPT_ROUTES,
+    OVERLAY_ROUTES,
+    WORKLOAD_ROUTES,
+    Applied,
+    RouteTable,
+)
 from bgpd.loops import Backoff, guarded
 from bgpd.overlay import Overlay
 from bgpd.view import BLOCKS, ENDPOINTS, NodeView
@@ -83,9 +91,9 @@ NO_ROUTES = _NoRoutes()
 
 class RouteReconciler:
     """Runs on start, whenever woken (a CNI ADD/DEL, a new block), and every ``interval`` seconds to repair
-    drift: a full run reads the kernel and the datastore. BGP changes take a fast path: only the prefixes that
-    changed are applied, against what the last runs installed, so a burst of 10,000 routes is not re-read and
-    re-diffed per UPDATE."""
+    drift: a full run reads the kernel, states every source of the route table from the view and BGP, and
+    corrects every difference. BGP changes take a delta: only the prefixes that changed are restated and
+    applied, so a burst of 10,000 routes is not re-read and re-diffed per UPDATE."""
 
     def __init__(self, view: Callable[[], NodeView], kernel: routes.RouteKernel, node: str, interval: float,
                  feed: RouteFeed | None = None, overlay: Overlay | None = None) -> None:
@@ -94,20 +102,16 @@ class RouteReconciler:
         self.overlay = overlay  # encapsulation and NAT: routes to other nodes from the datastore
         self.view = view
         self.kernel = kernel
+        self.table = RouteTable(kernel)
         self.node = node
         self.interval = interval
         self.stats = ReconcileStats()
         self._wake = asyncio.Event()
         self._full_wanted = True
-        # What the fast path works against, as of the last full run: the BGP routes in the kernel by prefix,
-        # the node's addresses and its own blocks.
-        self._remote: dict[str, desired.RouteSpec] = {}
+        # What BGP's routes are made against, as of the last full run: the node's addresses and its own blocks.
         self._connected: tuple[tuple[str, desired.IPInterface], ...] = ()
         self._own: set[str] = set()
-        self._encapsulated: set[str] = set()  # prefixes routed by the overlay: BGP's routes to them are ignored
-        # Remote routes of the first kernel read still kept, by prefix (None: not read yet). Only shrinks: a
-        # prefix BGP speaks of (announced or withdrawn) is BGP's from then on.
-        self._retained: dict[str, desired.RouteSpec] | None = None
+        self._started = False  # the first full run has looked for routes to keep over a restart
         self._periodic = False
         self._held: dict[Any, str] = {}  # which node holds which block, as the IPAM blocks said last
 
@@ -137,19 +141,20 @@ class RouteReconciler:
         """BGP routes changed: apply them soon."""
         self._wake.set()
 
-    async def desired_state(self, existing: set[str],
-                            connected: list[tuple[str, desired.IPInterface]]) -> set[desired.RouteSpec]:
-        """The routes the node should hold, for the interfaces ``existing`` in its kernel."""
+    async def _state_sources(self, existing: set[str], connected: list[tuple[str, desired.IPInterface]]) -> None:
+        """Every source of the route table but the kept ones, for the interfaces ``existing`` in the kernel."""
         view = self.view()
         affinities = list(view.affinities)
         local = [desired.LocalWorkload(w.interface, tuple(ipaddress.ip_interface(n).ip
                                                           for n in w.ip_networks)) for w in view.endpoints]
         self.stats.workloads = len(local)
         self._connected, self._own = tuple(connected), {str(a) for a in affinities}
-        encapsulated = await self.overlay.desired(view, self._connected, self._periodic) if self.overlay else set()
-        self._encapsulated = {r.dst for r in encapsulated}
-        learned = {self._through_tunnel(r) for r in desired.remote_routes(self.feed.learned(), connected, affinities)}
-        return desired.desired_routes(local, affinities, existing) | merge_routes(encapsulated, learned)
+        self.table.set_routes(WORKLOAD_ROUTES, desired.desired_routes(local, (), existing))
+        self.table.set_routes(BLOCK_ROUTES, desired.desired_routes((), affinities, existing))
+        self.table.set_routes(OVERLAY_ROUTES, await self.overlay.desired(view, self._connected, self._periodic)
+                              if self.overlay else ())
+        self.table.set_routes(BGP_ROUTES, {self._through_tunnel(r) for r in
+                                    desired.remote_routes(self.feed.learned(), connected, affinities)})
 
     def _through_tunnel(self, route: desired.RouteSpec) -> desired.RouteSpec:
         return self.overlay.ipip_route(route) if self.overlay else route
@@ -163,75 +168,66 @@ class RouteReconciler:
         # endpoint in the read that follows; read the other way round, a pod plumbed between the two reads has a
         # route but no endpoint yet, and would lose its route.
         kernel = await self.kernel.read()
-        have, connected = set(kernel.routes), list(kernel.connected)
-        if self._retained:  # what BGP changed since the last run is BGP's now (learned() below forgets what)
-            self._forget_retained(self.feed.changes())
-        want = await self.desired_state(set(kernel.interfaces), connected)
-        # Just restarted: traffic to other nodes goes on over the routes the previous daemon left while the
-        # sessions come back; only those, and only until BGP has relearned what it has.
-        if self._retained is None:
-            self._retained = desired.found_at_start(have, want) if self._keeps_startup_routes() else {}
-            if self._retained:
-                log.info("keeping %d remote routes found in the kernel until BGP has relearned them",
-                         len(self._retained))
-        elif self._retained:
-            still = desired.still_retained(self._retained, have, want)
-            if not self._keeps_startup_routes():
-                log.info("BGP has relearned its routes: %d not relearned of those found in the kernel at start go",
-                         len(still))
-                still = {}
-            self._retained = still
-        want |= set(self._retained.values())
-        self.stats.routes = len(want)
-        self.stats.by_type = dict(Counter(route_type(r) for r in want))
-        self._remote = {spec.dst: spec for spec in want if spec.learned}
-        changes = await self._apply(desired.diff_routes(want, have))
+        have = set(kernel.routes)
+        self._forget_retained(self.feed.changes())  # BGP's own since the last run (learned() below forgets what)
+        await self._state_sources(set(kernel.interfaces), list(kernel.connected))
+        self._keep_startup_routes(have)
+        wanted = self.table.desired()
+        self.stats.routes = len(wanted)
+        self.stats.by_type = dict(Counter(route_type(r) for r in wanted.values()))
+        changes = self._log(await self.table.apply(actual=have))
         self.stats.runs += 1
         self.stats.last_seconds = time.monotonic() - started
         return changes
 
+    def _keep_startup_routes(self, have: set[desired.RouteSpec]) -> None:
+        """Just restarted: traffic to other nodes goes on over the routes the previous daemon left while the
+        sessions come back; only those, and only until BGP has relearned what it has."""
+        kept = self.table.routes(KEPT_ROUTES)
+        others = {spec for prefix, spec in self.table.desired().items() if kept.get(prefix) != spec}
+        if not self._started:
+            self._started = True
+            found = desired.found_at_start(have, others) if self._keeps_startup_routes() else {}
+            if found:
+                log.info("keeping %d remote routes found in the kernel until BGP has relearned them", len(found))
+            self.table.set_routes(KEPT_ROUTES, found.values())
+        elif kept:
+            still = desired.still_retained(kept, have, others)
+            if not self._keeps_startup_routes():
+                log.info("BGP has relearned its routes: %d not relearned of those found in the kernel at start go",
+                         len(still))
+                still = {}
+            self.table.set_routes(KEPT_ROUTES, still.values())
+
     async def apply_route_changes(self) -> int:
-        """The fast path: apply the BGP prefixes that changed since the last run, nothing else."""
-        add: list[desired.RouteSpec] = []
-        remove: list[desired.RouteSpec] = []
-        replaced: list[desired.RouteSpec] = []
+        """The delta: restate the BGP prefixes that changed since the last run and apply them, nothing else."""
         changes = self.feed.changes()
-        if self._retained:
-            self._forget_retained(changes)
+        self._forget_retained(changes)
         for prefix, next_hops in changes.items():
-            if prefix in self._encapsulated:
-                continue
             want = desired.remote_route(prefix, next_hops, self._connected, self._own)
-            want = self._through_tunnel(want) if want is not None else None
-            have = self._remote.pop(prefix, None)
-            if want is not None:
-                self._remote[prefix] = want
-                if want != have:
-                    add.append(want)  # replaces a changed route in place: no gap in forwarding
-                    if have is not None:
-                        replaced.append(have)
-            elif have is not None:
-                remove.append(have)
-            else:  # a withdrawal of a route we do not know we hold: let a full run compare with the kernel
+            self.table.set_route(BGP_ROUTES, prefix, self._through_tunnel(want) if want is not None else None)
+            if want is None and self.table.installed(prefix) is None and self.table.winner(prefix) is None:
+                # a withdrawal of a route we do not know we hold: let a full run compare with the kernel
                 self._full_wanted = True
                 self._wake.set()
         self.stats.fast_runs += 1
+        applied = await self.table.apply()
         # Keep the counts by type (/metrics) current between full runs: most remote routes come this way.
         counts = Counter(self.stats.by_type)
-        counts.subtract(route_type(r) for r in remove + replaced)
-        counts.update(route_type(r) for r in add)
+        counts.subtract(route_type(r) for r in applied.diff.remove + applied.replaced)
+        counts.update(route_type(r) for r in applied.diff.add)
         self.stats.by_type = {kind: count for kind, count in counts.items() if count > 0}
         self.stats.routes = sum(self.stats.by_type.values())
-        return await self._apply(desired.RouteDiff(add=tuple(add), remove=tuple(remove)))  # unsorted: bursts
+        return self._log(applied)
 
     def _forget_retained(self, changes: Learned) -> None:
         """A route found at start that BGP announced or withdrew since is BGP's: withdrawn, it goes."""
-        assert self._retained is not None
-        for prefix in changes:
-            self._retained.pop(prefix, None)
+        kept = self.table.routes(KEPT_ROUTES)
+        for prefix in [prefix for prefix in changes if prefix in kept]:
+            self.table.set_route(KEPT_ROUTES, prefix, None)
 
-    async def _apply(self, diff: desired.RouteDiff) -> int:
-        errors = await self.kernel.apply(diff)
+    def _log(self, applied: Applied) -> int:
+        diff, errors = applied.diff, applied.errors
         failed = {spec for spec, _ in errors}
         if len(diff.add) + len(diff.remove) > 20:  # a burst (BGP bulk): one line, not one per route
             log.info("routes changed: %d added, %d removed, %d failed", len(diff.add), len(diff.remove), len(errors))

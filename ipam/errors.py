@@ -15,7 +15,9 @@ class InvalidResource(IPAMError):
         self.name = name
         self.field = field
         self.reason = reason
-        super().__init__(f"{kind} {name!r}: field {field}: {reason}")
+        # A field name from the document is shown escaped when it holds control characters: one line, always.
+        shown = field if field.isprintable() else repr(field)
+        super().__init__(f"{kind} {name!r}: field {shown}: {reason}")
 
 
 class ResourceExists(IPAMError):

@@ -17,6 +17,7 @@ class FakeKernel:
     connected: list[tuple[str, IPInterface]] = field(default_factory=list)
     applied: list[RouteDiff] = field(default_factory=list)
     reads: int = 0
+    refuse: set[str] = field(default_factory=set)  # destinations whose add the kernel refuses (a device gone)
 
     async def read(self) -> KernelRoutes:
         self.reads += 1
@@ -26,8 +27,11 @@ class FakeKernel:
         if not diff.empty:
             self.applied.append(diff)
         self.routes -= set(diff.remove)
-        self.routes |= set(diff.add)
-        return []
+        refused = [spec for spec in diff.add if spec.dst in self.refuse]
+        added = {spec for spec in diff.add if spec.dst not in self.refuse}
+        replaced = {spec.dst for spec in added}  # an add replaces the route to its destination, as `replace` does
+        self.routes = {spec for spec in self.routes if spec.dst not in replaced} | added
+        return [(spec, f"adding {spec}: No such device") for spec in refused]
 
 
 @dataclass

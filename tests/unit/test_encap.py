@@ -65,16 +65,12 @@ def test_remote_prefixes_follow_affinity_and_borrowing() -> None:
     assert isinstance(block.attribute_of(1), AllocationAttribute)
 
 
-def test_ipip_applies_to_learned_routes_of_ipip_pools_and_encap_wins_over_bgp() -> None:
+def test_ipip_applies_to_learned_routes_of_ipip_pools() -> None:
     me = ipaddress.IPv4Interface("10.0.10.11/24")
     assert encap.ipip_device("10.244.3.0/26", "10.0.20.13", [pool(ipip_mode="CrossSubnet")], me)
     assert not encap.ipip_device("10.244.2.0/26", "10.0.10.12", [pool(ipip_mode="CrossSubnet")], me)
     assert encap.ipip_device("10.244.2.0/26", "10.0.10.12", [pool(ipip_mode="Always")], me)
     assert not encap.ipip_device("10.245.0.0/26", "10.0.10.12", [pool(ipip_mode="Always")], me)  # outside pools
-    vx = RouteSpec("10.244.3.0/26", device="vxlan.calico", gateway="10.244.3.0")
-    bgp = {RouteSpec("10.244.3.0/26", device="eth1", gateway="10.0.20.13"),
-           RouteSpec("10.244.4.0/26", device="eth1", gateway="10.0.10.14")}
-    assert encap.merge_routes({vx}, bgp) == {vx, RouteSpec("10.244.4.0/26", device="eth1", gateway="10.0.10.14")}
     assert ipip.link_request(Tunnel("10.244.1.1", 1480)) == {"ifname": "tunl0", "mtu": 1480, "state": "up"}
 
 

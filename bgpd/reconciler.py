@@ -249,7 +249,7 @@ class RouteReconciler:
     async def run(self) -> None:
         backoff = Backoff(RETRY_FIRST_SECONDS, min(RETRY_MAX_SECONDS, self.interval))
         while True:
-            retry_in = await guarded(self._step, log, "reconcile", "kernel routes kept as they are", backoff)
+            retry_in = await guarded(self.step, log, "reconcile", "kernel routes kept as they are", backoff)
             if retry_in is not None:
                 self.stats.errors += 1
                 self._full_wanted = True  # the kernel keeps what it has; the retry repairs
@@ -259,9 +259,10 @@ class RouteReconciler:
                 self._full_wanted = self._periodic = True  # the periodic run that repairs drift
             self._wake.clear()
 
-    async def _step(self) -> None:
-        # A full run, too, when the routes found at start stop being kept: those not relearned go.
-        if self._full_wanted or (self._retained and not self._keeps_startup_routes()):
+    async def step(self) -> None:
+        """One pass of the loop: a full run when one is wanted, or when the routes found at start stop being
+        kept (those not relearned go); else the BGP delta."""
+        if self._full_wanted or (self.table.routes(KEPT_ROUTES) and not self._keeps_startup_routes()):
             await self.reconcile_once()
             self._periodic = False
         else:

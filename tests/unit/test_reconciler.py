@@ -85,16 +85,18 @@ def test_after_a_restart_only_routes_found_at_start_are_kept_and_a_withdrawal_go
     kernel, peers = FakeKernel(routes={left}), Peers()
     peers.keep = True  # graceful-restart peers have not all sent End-of-RIB
     routes = reconciler(kernel, peers)
-    run(routes.reconcile_once())
-    assert left in kernel.routes  # kept while BGP relearns it
+    run(routes.step())  # the first pass is a full run
+    assert left in kernel.routes and kernel.reads == 1  # kept while BGP relearns it
     peers.set("10.244.2.0/26", "10.0.0.12")
-    run(routes.apply_route_changes())
+    run(routes.step())
     peers.set("10.244.2.0/26")  # a live peer withdraws a route this daemon installed: it goes at once
-    run(routes.apply_route_changes())
-    assert not any(r.dst == "10.244.2.0/26" for r in kernel.routes)
-    peers.keep = False  # End-of-RIB: what was not relearned goes
-    run(routes.reconcile_once())
-    assert left not in kernel.routes and kernel.routes == OWN
+    run(routes.step())
+    assert not any(r.dst == "10.244.2.0/26" for r in kernel.routes) and kernel.reads == 1  # deltas only
+    run(routes.step())
+    assert left in kernel.routes and kernel.reads == 1  # still kept: no full run while it is
+    peers.keep = False  # End-of-RIB: the next pass is a full run, and what was not relearned goes
+    run(routes.step())
+    assert left not in kernel.routes and kernel.routes == OWN and kernel.reads == 2
 
 
 def test_a_pod_gone_from_the_view_loses_its_route() -> None:

@@ -41,6 +41,15 @@ def reload_outcome(log_since_signal: str) -> str | None:
     return "loaded" if "loaded new configuration successfully" in after else None
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs: a zombie (dead, not yet reaped by whoever inherited it) holds no socket."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:][:1] != "Z"
+
+
 class ExaBGPProcess:
     """Runs ``exabgp`` with the configuration ``render()`` gives; ``changed()`` asks it to read the configuration
     again. ``has_peers()``: ExaBGP waits to be started until there is someone to peer with. ``on_exit()``: it
@@ -85,8 +94,10 @@ class ExaBGPProcess:
         await self._terminate()
 
     async def _stop_leftover(self) -> None:
-        """An ExaBGP left running by a daemon that was killed holds port 179: stop it (by the PID we recorded,
-        after checking it is that ExaBGP). Its peers keep our routes meanwhile (graceful restart)."""
+        """An ExaBGP left running by a daemon that was killed holds port 179: kill it (by the PID we recorded,
+        after checking it is that ExaBGP). SIGKILL, not SIGTERM: a terminated ExaBGP sends its peers a
+        NOTIFICATION, which ends graceful restart on most of them, and takes over a second to exit; a killed one
+        only drops its sessions, and its peers keep our routes meanwhile (graceful restart)."""
         pid_file = self.state_dir / "exabgp.pid"
         try:
             pid = int(pid_file.read_text())
@@ -97,12 +108,10 @@ class ExaBGPProcess:
             return
         log.info("stopping exabgp %s left by an earlier run", pid)
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, 15)
+            os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 5
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)  # polling for the old process to exit, with a deadline
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, 9)
+        while _running(pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # polling for the old process to go (its port freed), with a deadline
 
     async def _terminate(self) -> None:
         process, self._process = self._process, None

@@ -37,7 +37,8 @@ def test_daemon_restart_with_graceful_restart_loses_nothing(lab: Deployer, pods:
         handle.lab.deploy()  # restarts it; it replaces the ExaBGP the dead daemon left
         handle.wait_for(lambda: len(sessions(handle, "node3")) == 2, 60, "node3's sessions to come back")
         time.sleep(1)  # let the ping run on a moment after recovery (a measurement window, not synchronisation)
-    assert pinger.sent > 40 and pinger.lost <= 1, pinger.summary()
+    # The pings span the kill, the restart and a second after (0.05 s apart): at least that second's worth.
+    assert pinger.sent >= 20 and pinger.lost <= 1, pinger.summary()
 
 
 @pytest.mark.parametrize("restart_seconds", [DEAD_NODE_RESTART, 0])

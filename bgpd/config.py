@@ -8,6 +8,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from bgpd.speaker.peers import DEFAULT_HOLD_TIME
 from ipam.datastore import EtcdConfig
 from ipam.errors import IPAMError
 from ipam.model import IPPool
@@ -65,6 +66,7 @@ class Config:
     ip6: str = "none"  # IP6: an IPv6 address (optionally with /prefix), "autodetect" or "none" (Calico's default)
     ip6_autodetection_method: str = "first-found"
     default_pool6: dict[str, Any] | None = None  # default-ipv6-ippool from CALICO_IPV6POOL_CIDR, if given
+    bgp_hold_time: int = DEFAULT_HOLD_TIME  # seconds; ExaBGP takes 0 (no keepalives) or 3 and more
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> Config:
@@ -101,6 +103,7 @@ class Config:
             etcd=EtcdConfig.from_env(env), default_pool=default_pool(env), networking_backend=backend,
             mtu=_int(env, "CALICO_MTU", 0, 576, 65535) or None,
             reconcile_interval=float(_int(env, "CALICO_RECONCILE_INTERVAL", 60, 1, 86400)),
+            bgp_hold_time=_int(env, "CALICO_BGP_HOLD_TIME", DEFAULT_HOLD_TIME, 3, 65535),
             health_host=env.get("CALICO_HEALTH_HOST", "127.0.0.1"),
             health_port=_int(env, "CALICO_HEALTH_PORT", 9099, 0, 65535),
             log_level=env.get("LOG_LEVEL", "info"),

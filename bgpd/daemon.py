@@ -174,7 +174,8 @@ class NodeDaemon:
             speaker = ExaBGP(Path(os.environ.get("CALICO_STATE_DIR", f"/run/calico-py/{config.nodename}")),
                              router_id_for(str(address.ip) if address else None, config.nodename),
                              on_routes=self.reconciler.wake_routes,
-                             listen=tuple(str(a.ip) for a in (address, address6) if a is not None))
+                             listen=tuple(str(a.ip) for a in (address, address6) if a is not None),
+                             hold_time=config.bgp_hold_time)
             self.bgp = BGPSync(self.keeper.view, speaker,
                                secrets_dir=Path(os.environ.get("CALICO_SECRETS_DIR", "/etc/calico-py/secrets")))
             self.reconciler.feed = speaker.rib

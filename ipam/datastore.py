@@ -62,6 +62,19 @@ _CHANNEL_OPTIONS = [
 ]
 
 
+def _seconds(env: dict[str, str], name: str, default: float) -> float:
+    value = env.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 1 <= seconds <= 3600:
+        raise DatastoreError(f"{name}={value!r}: give a number of seconds from 1 to 3600")
+    return seconds
+
+
 @dataclass(frozen=True)
 class EtcdConfig:
     endpoints: tuple[str, ...]
@@ -79,6 +92,7 @@ class EtcdConfig:
             ca_cert_file=env.get("ETCD_CA_CERT_FILE") or None,
             cert_file=env.get("ETCD_CERT_FILE") or None,
             key_file=env.get("ETCD_KEY_FILE") or None,
+            failover_timeout=_seconds(env, "CALICO_DATASTORE_FAILOVER_TIMEOUT", cls.failover_timeout),
         )
 
     @classmethod

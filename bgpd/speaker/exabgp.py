@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bgpd.speaker import exabgp_api
-from bgpd.speaker.peers import BGPPath, PeerSpec, prefix_version, render_exabgp
+from bgpd.speaker.peers import DEFAULT_HOLD_TIME, BGPPath, PeerSpec, prefix_version, render_exabgp
 from bgpd.speaker.process import ExaBGPProcess
 from bgpd.speaker.rib import Rib, Routes, Session, SessionState, Update
 from bgpd.unixsock import bind_abstract, peer_uid
@@ -32,12 +32,13 @@ class ExaBGP:
     and feeds what it says into :attr:`rib`. ``on_routes`` is called when the routes to install changed."""
 
     def __init__(self, state_dir: Path, router_id: str, on_routes: Callable[[], None],
-                 exabgp: str | None = None, listen: tuple[str, ...] = ()) -> None:
+                 exabgp: str | None = None, listen: tuple[str, ...] = (), hold_time: int = DEFAULT_HOLD_TIME) -> None:
         self.state_dir = state_dir
         self.router_id = router_id
         # Addresses ExaBGP accepts sessions on (the node's IPv4 and IPv6 addresses); default: the router id.
         self.listen = listen or (router_id,)
         self.on_routes = on_routes
+        self.hold_time = hold_time
         self.rib = Rib(router_id, started_at=time.monotonic())
         self.last_update_at = 0.0  # wall clock of the last UPDATE ExaBGP passed on (benchmarks: ExaBGP's share)
         self.reflected: dict[str, dict[str, BGPPath]] = {}  # what ExaBGP was told to reflect, per peer
@@ -76,7 +77,7 @@ class ExaBGP:
     def _config_text(self) -> str:
         return render_exabgp(self.router_id, [s.spec for s in self.rib.sessions.values()],
                              [sys.executable, "-I", "-S", str(Path(__file__).with_name("relay.py"))],
-                             self.rib.graceful_restart)
+                             self.rib.graceful_restart, self.hold_time)
 
     def _process_gone(self) -> None:
         """ExaBGP exited: every session went with it, without a word on the API (see :meth:`Rib.speaker_gone`)."""

@@ -371,7 +371,11 @@ def router_id_for(ipv4: str | None, node_name: str) -> str:
     return str(ipaddress.IPv4Address(digest[:4]))
 
 
-def render_exabgp(router_id: str, peers: Iterable[PeerSpec], relay: list[str], graceful_restart: int = 120) -> str:
+DEFAULT_HOLD_TIME = 30  # seconds without a message before a session is declared down (CALICO_BGP_HOLD_TIME)
+
+
+def render_exabgp(router_id: str, peers: Iterable[PeerSpec], relay: list[str], graceful_restart: int = 120,
+                  hold_time: int = DEFAULT_HOLD_TIME) -> str:
     """ExaBGP 5 configuration: one neighbor per peer, all feeding our API process. An IPv4 session carries
     ``ipv4 unicast``, an IPv6 one ``ipv6 unicast``; the router id is the same 32-bit id on both."""
     lines = ["process calico {", f"    run {' '.join(relay)};", "    encoder json;", "}", ""]
@@ -382,7 +386,7 @@ def render_exabgp(router_id: str, peers: Iterable[PeerSpec], relay: list[str], g
             f"    local-address {peer.local_address};",
             f"    local-as {peer.local_as};",
             f"    peer-as {peer.peer_as};",
-            "    hold-time 30;",
+            f"    hold-time {hold_time};",  # keepalives every third of it
             "    manual-eor true;",  # End-of-RIB from the daemon, once our routes are out (see ExaBGP._api)
             *([f'    md5-password "{peer.password}";'] if peer.password else []),
             *([f"    capability {{ graceful-restart {graceful_restart}; }}"] if graceful_restart else []),

@@ -6,8 +6,8 @@ Two labs:
   notices the loss by its hold timer as it must when the fault is out of its sight, e.g. a switch in between);
   the link taken down is the one the test's pod-to-pod flow is hashed onto, so the failover is in the measured
   traffic;
-- mesh3 with the daemon's own settings (hold time 30 s, graceful restart shortened to 5 s): node1's LAN interface
-  goes down, and the other nodes drop node1's routes after hold time plus restart time.
+- mesh3 with the hold time shortened to 9 s (CALICO_BGP_HOLD_TIME; 30 s by default) and graceful restart to 5 s:
+  node1's LAN interface goes down, and the other nodes drop node1's routes after hold time plus restart time.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from tests.lab.report import FaultRecord
 from tests.lab.traffic import Pinger, pod_ping
 
 FABRIC_HOLD = 3  # seconds; BIRD's minimum (keepalive 1 s)
-MESH_HOLD = 30  # the hold time the daemon gives ExaBGP; keepalives every third of it
+MESH_HOLD = 9  # CALICO_BGP_HOLD_TIME for the mesh test: the hold time the daemon gives ExaBGP; keepalives every
+# third of it
 MESH_KEEPALIVE = MESH_HOLD / 3
 MESH_RESTART = 5  # nodeMeshMaxRestartTime for the mesh test, seconds
 SLACK = 3.0  # polling and a loaded 2-core machine: how late past a timer an observation may come
@@ -174,8 +175,9 @@ def session_down_at(handle: LabHandle, node: str, peer: str, after: float) -> fl
 def test_mesh3_node_link_down_withdraws_its_routes_after_hold_time_and_they_return(
         lab: Deployer, pods: Pods, tmp_path: Path, fault_report: FaultRecord) -> None:
     fault_report.fault = f"link loss mesh3 node1 (hold {MESH_HOLD}s, GR {MESH_RESTART}s)"
-    handle = mesh_with(lab, tmp_path, f"{MESH_RESTART}s")
+    handle = mesh_with(lab, tmp_path, f"{MESH_RESTART}s", {"CALICO_BGP_HOLD_TIME": str(MESH_HOLD)})
     nodes = ("node1", "node2", "node3")
+    assert f"hold-time {MESH_HOLD};" in (handle.lab.run_dir / "node2" / "exabgp.conf").read_text()
     placed = place_pods(handle, pods, tmp_path, nodes, "lk")
     address = {node: handle.address(node).ip.exploded for node in nodes}
     expected: dict[str, dict[str, str]] = {}  # node -> the block routes it holds with the mesh whole
@@ -203,7 +205,7 @@ def test_mesh3_node_link_down_withdraws_its_routes_after_hold_time_and_they_retu
     # would add its own latency on a loaded machine).
     held = {node: session_down_at(handle, node, address["node1"], down_clock) - down_clock for node in survivors}
     for node in survivors:
-        # The hold timer fires 20-30 s after the last keepalive heard before the fault (one every 10 s), then
+        # The hold timer fires 6-9 s after the last keepalive heard before the fault (one every 3 s), then
         # graceful restart keeps the routes for its restart time, then they go.
         assert MESH_HOLD - MESH_KEEPALIVE - 1 <= held[node] <= MESH_HOLD + SLACK, (node, held[node])
         assert MESH_RESTART - 1 <= withdrawn[node] - held[node] <= MESH_RESTART + SLACK, (node, held, withdrawn)

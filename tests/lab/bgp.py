@@ -94,9 +94,11 @@ def set_restart_time(handle: LabHandle, tmp_path: Path, restart_time: str) -> No
     wait_mesh(handle)
 
 
-def mesh_with(deploy: Callable[..., LabHandle], tmp_path: Path, restart_time: str) -> LabHandle:
-    """A mesh3 lab whose mesh has this graceful-restart time, every session Established."""
-    handle = deploy("mesh3.clab.yml")
+def mesh_with(deploy: Callable[..., LabHandle], tmp_path: Path, restart_time: str,
+              node_env: dict[str, str] | None = None) -> LabHandle:
+    """A mesh3 lab whose mesh has this graceful-restart time (and its daemons ``node_env``), every session
+    Established."""
+    handle = deploy("mesh3.clab.yml", node_env)
     wait_ready(handle)
     set_restart_time(handle, tmp_path, restart_time)
     return handle

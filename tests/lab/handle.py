@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +57,17 @@ class Deployer:
     def __init__(self) -> None:
         self.deployed: list[Lab] = []
 
-    def __call__(self, topology_file: str | Path) -> LabHandle:
+    def __call__(self, topology_file: str | Path, node_env: Mapping[str, str] | None = None) -> LabHandle:
+        """Deploy the file; ``node_env`` is added to the environment of every calico-py node (those with a
+        NODENAME), as a DaemonSet's env would be."""
         path = Path(topology_file)
         if not path.is_absolute():
             path = TOPOLOGIES / path
         base = load(path)
         topology = load(path, name_override=f"{base.name}-t{os.getpid() % 100000}{next(_serial)}")
+        for node in topology.nodes.values():
+            if "NODENAME" in node.env:
+                node.env.update(node_env or {})
         handle = LabHandle(Lab(topology))  # the default run root: daemons that drop root can reach it
         self.deployed.append(handle.lab)
         handle.deploy_seconds = handle.lab.deploy().seconds

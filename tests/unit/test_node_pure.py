@@ -15,6 +15,8 @@ from bgpd.cni import spec
 from bgpd.config import Config, ConfigError
 from bgpd.dataplane.workloads import host_interface_name, random_mac
 from bgpd.resources import node_resource, wep_name
+from bgpd.speaker.peers import MESH, PeerSpec, render_exabgp
+from ipam.errors import DatastoreError
 
 CONF = json.dumps({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "calico-py",
                    "ipam": {"type": "calico-py-ipam"}})
@@ -100,9 +102,22 @@ def test_config_from_env_and_its_errors() -> None:
                          ({"NODENAME": "n", "AS": "x"}, "AS="),
                          ({"NODENAME": "n", "CALICO_IPV4POOL_CIDR": "10.0.0.1/8"}, "did you mean 10.0.0.0/8"),
                          ({"NODENAME": "n", "CALICO_NETWORKING_BACKEND": "gobgp"}, "bird, vxlan or none"),
-                         ({"NODENAME": "n", "IP_AUTODETECTION_METHOD": "magic"}, "first-found")]:
+                         ({"NODENAME": "n", "IP_AUTODETECTION_METHOD": "magic"}, "first-found"),
+                         ({"NODENAME": "n", "CALICO_BGP_HOLD_TIME": "2"}, "CALICO_BGP_HOLD_TIME=2: .* 3 to")]:
         with pytest.raises(ConfigError, match=message):
             Config.from_env(env)
+
+
+def test_hold_time_and_failover_timeout_from_env_and_their_errors() -> None:
+    default = Config.from_env({"NODENAME": "n"})
+    assert (default.bgp_hold_time, default.etcd.failover_timeout) == (30, 30.0)
+    config = Config.from_env({"NODENAME": "n", "CALICO_BGP_HOLD_TIME": "9", "CALICO_DATASTORE_FAILOVER_TIMEOUT": "12"})
+    assert (config.bgp_hold_time, config.etcd.failover_timeout) == (9, 12.0)
+    peer = PeerSpec("10.0.0.12", 64512, 64512, "10.0.0.11", MESH, "node2")
+    assert "    hold-time 9;" in render_exabgp("10.0.0.11", [peer], ["relay"], hold_time=9).splitlines()
+    for value in ("0", "x", "7200"):
+        with pytest.raises(DatastoreError, match=f"CALICO_DATASTORE_FAILOVER_TIMEOUT={value!r}: give a number"):
+            Config.from_env({"NODENAME": "n", "CALICO_DATASTORE_FAILOVER_TIMEOUT": value})
 
 
 def test_address_autodetection_choice() -> None:

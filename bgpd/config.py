@@ -10,6 +10,7 @@ from typing import Any
 
 from bgpd.speaker.peers import DEFAULT_HOLD_TIME
 from ipam.datastore import EtcdConfig
+from ipam.envvalues import env_int
 from ipam.errors import IPAMError
 from ipam.model import IPPool
 
@@ -35,16 +36,7 @@ def _bool(env: dict[str, str], name: str, default: bool) -> bool:
 
 
 def _int(env: dict[str, str], name: str, default: int, low: int, high: int) -> int:
-    value = env.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise ConfigError(f"{name}={value!r}: give a whole number from {low} to {high}") from None
-    if not low <= number <= high:
-        raise ConfigError(f"{name}={value}: give a whole number from {low} to {high}")
-    return number
+    return env_int(env, name, default, low, high, ConfigError)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ import grpc.aio
 from aetcd import rpc
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay
 
+from ipam.envvalues import env_number
 from ipam.errors import DatastoreError, DatastoreUnavailable
 
 log = logging.getLogger("ipam.datastore")
@@ -62,19 +63,6 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-def _seconds(env: dict[str, str], name: str, default: float) -> float:
-    value = env.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not 1 <= seconds <= 3600:
-        raise DatastoreError(f"{name}={value!r}: give a number of seconds from 1 to 3600")
-    return seconds
-
-
 @dataclass(frozen=True)
 class EtcdConfig:
     endpoints: tuple[str, ...]
@@ -92,7 +80,8 @@ class EtcdConfig:
             ca_cert_file=env.get("ETCD_CA_CERT_FILE") or None,
             cert_file=env.get("ETCD_CERT_FILE") or None,
             key_file=env.get("ETCD_KEY_FILE") or None,
-            failover_timeout=_seconds(env, "CALICO_DATASTORE_FAILOVER_TIMEOUT", cls.failover_timeout),
+            failover_timeout=env_number(env, "CALICO_DATASTORE_FAILOVER_TIMEOUT", cls.failover_timeout, 1, 3600,
+                                         DatastoreError),
         )
 
     @classmethod

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from bgpd.kube import KubePod
 from bgpd.resources import WorkloadEndpoint
 from ipam.check import IPAMState, is_tunnel_handle
+from ipam.envvalues import env_number
 from ipam.model import Block, IPAddress
 from ipam.nodes import allocations
 
@@ -29,22 +30,8 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
-        return cls(interval=_seconds(env, "CONTROLLER_INTERVAL", DEFAULT_INTERVAL, allow_zero=False),
-                   gc_grace=_seconds(env, "CONTROLLER_GC_GRACE", DEFAULT_GC_GRACE, allow_zero=True))
-
-
-def _seconds(env: Mapping[str, str], name: str, default: float, allow_zero: bool) -> float:
-    text = env.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not (value > 0 or (allow_zero and value == 0)):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ControllerConfigError(f"{name}={text!r}: give a number of seconds {bound}, e.g. {default:g}")
-    return value
+        return cls(interval=env_number(env, "CONTROLLER_INTERVAL", DEFAULT_INTERVAL, 0.1, 86400, ControllerConfigError),
+                   gc_grace=env_number(env, "CONTROLLER_GC_GRACE", DEFAULT_GC_GRACE, 0, 604800, ControllerConfigError))
 
 
 # ---------------------------------------------------------------------- what is observed

@@ -103,7 +103,7 @@ def test_config_from_env_and_its_errors() -> None:
                          ({"NODENAME": "n", "CALICO_IPV4POOL_CIDR": "10.0.0.1/8"}, "did you mean 10.0.0.0/8"),
                          ({"NODENAME": "n", "CALICO_NETWORKING_BACKEND": "gobgp"}, "bird, vxlan or none"),
                          ({"NODENAME": "n", "IP_AUTODETECTION_METHOD": "magic"}, "first-found"),
-                         ({"NODENAME": "n", "CALICO_BGP_HOLD_TIME": "2"}, "CALICO_BGP_HOLD_TIME=2: .* 3 to")]:
+                         ({"NODENAME": "n", "CALICO_BGP_HOLD_TIME": "2"}, "CALICO_BGP_HOLD_TIME='2': .* 3 to")]:
         with pytest.raises(ConfigError, match=message):
             Config.from_env(env)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -12,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class LabError(RuntimeError):
@@ -141,8 +144,16 @@ def stop_pids(pids: Sequence[tuple[int, int | None]], grace: float = 5.0) -> Non
             return
         time.sleep(0.02)
     for pid, _ in targets:
+        log.warning("process %d (%s) still ran %gs after SIGTERM: killed", pid, _command(pid), grace)
         _signal(pid, signal.SIGKILL)
         _reap(pid)
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return "gone"
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:

@@ -98,14 +98,14 @@ def kill_member(handle: LabHandle, name: str) -> None:
 
 
 def stop_members(handle: LabHandle) -> None:
-    """Stop every member still running: SIGTERM, SIGKILL after a grace period (by PID and start time)."""
-    running = [p for p in (member(handle, m) for m in MEMBERS) if p.alive()]
-    netns.stop_pids([(p.pid, p.started) for p in running])
-    # stop_pids returns right after a SIGKILL, which the process may not have finished dying of
-    handle.wait_for(lambda: not any(p.alive() for p in running), 10, "every etcd member to stop")
-    for process in running:
+    """Stop every member still running, one after another: SIGTERM, SIGKILL after a grace period (by PID and start
+    time). In turn, because a leader stopped beside its stopping peers waits out its leadership transfer."""
+    for running in [p for p in (member(handle, m) for m in MEMBERS) if p.alive()]:
+        netns.stop_pids([(running.pid, running.started)])
+        # stop_pids returns right after a SIGKILL, which the process may not have finished dying of
+        handle.wait_for(lambda running=running: not running.alive(), 10, f"etcd member {running.pid} to stop")
         with contextlib.suppress(ChildProcessError):
-            os.waitpid(process.pid, os.WNOHANG)
+            os.waitpid(running.pid, os.WNOHANG)
 
 
 def start_members(handle: LabHandle, names: tuple[str, ...]) -> None:
@@ -273,12 +273,14 @@ def add_until_it_works(rt: Runtime, ns: str, container: str, timeout: float) -> 
 
 
 @pytest.fixture(scope="module")
-def etcd3(module_lab: Deployer) -> LabHandle:
-    """One lab for the three faults: each starts again what it stopped and waits for the cluster to be healthy."""
+def etcd3(module_lab: Deployer) -> Iterator[LabHandle]:
+    """One lab for the three faults: each starts again what it stopped and waits for the cluster to be healthy.
+    The members are stopped in turn before the lab goes (see stop_members)."""
     handle = module_lab(TOPOLOGY)
     wait_mesh(handle, NODES, CONVERGE_SECONDS)
     handle.wait_for(lambda: cluster_health(handle), timeout=CONVERGE_SECONDS, what="the etcd cluster to be healthy")
-    return handle
+    yield handle
+    stop_members(handle)
 
 
 @pytest.mark.parametrize("how", ["killed", "frozen"])

@@ -32,7 +32,7 @@ repetition meets a receiver that does not know its pool yet. (The warm-up itself
 before the receiver's 1 s poll has read its pool is filtered out and, as of 6f4eb98, only installed by the
 periodic reconcile up to 60 s later; a warm-up near 60 s is that, not noise.)
 
-Percentiles: p50 is the median; p99 is nearest-rank (with 50 samples, the largest).
+Percentiles: p50 is the median; p99 is nearest-rank (with up to 100 samples, the largest).
 
 Usage (root): .venv/bin/python bench/convergence.py [--reps 50] [--keep-logs DIR] [--seed N]
 """
@@ -415,7 +415,8 @@ def report(ours: list[Sample], bird: list[Sample], warm: tuple[Sample, Sample], 
         f"BIRD {ms(warm[1].total)} ms.",
         f"Machine: before {host_before}; after: {machine()}.",
         f"Code: {version}.",
-        f"Run: {seconds:.0f} s including deploy and destroy. p99 is nearest-rank (n=50: the largest sample).",
+        f"Run: {seconds:.0f} s including deploy and destroy. p99 is nearest-rank (n={len(ours)}: sample "
+        f"{math.ceil(0.99 * len(ours))} of {len(ours)} in order).",
     ]
     return "\n".join(lines)
 

@@ -11,7 +11,7 @@ DEB_PACKAGES := etcd-server etcd-client iproute2 iputils-ping bird2 frr gobgpd g
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv test unit faults lint lab lab-destroy bench clean
+.PHONY: all deps venv test unit faults lint lab lab-destroy bench bench-smoke clean
 
 all: test
 
@@ -64,6 +64,10 @@ bench: deps venv
 	printf '# Benchmarks\n\nRun %s on %s cores (make bench).\n\n' "$$(date -u +%FT%TZ)" "$$(nproc)" > $$out; \
 	for b in $(BENCHES); do echo "== $$b"; $(VENV)/bin/python $$b | tee -a $$out; echo >> $$out; done; \
 	echo "written: $$out"
+
+# The guard CI runs after the tests: the benches at a small size, each ratio against bench/bounds.json.
+bench-smoke: deps venv
+	$(VENV)/bin/python bench/smoke.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

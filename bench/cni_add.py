@@ -33,6 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.figures import record  # noqa: E402
 from bgpd.cni.install import Installed, InstallError, Kind, install  # noqa: E402
 from containerlab.lab import Lab  # noqa: E402
 from containerlab.topology import load  # noqa: E402
@@ -290,6 +291,8 @@ def report(args: argparse.Namespace, result: dict[str, Any], bin_dir: Path, data
             print(f"| {label} | " + " | ".join(fmt(v) for v in rows[label]) + " |")
     if len(rows) == 2:
         a, b = rows["calico-py"], rows["ptp + host-local"]
+        for (command, rank), x, y in zip((("ADD", 50), ("ADD", 99), ("DEL", 50), ("DEL", 99)), a, b, strict=True):
+            record(f"CNI {command} p{rank}", x, y)
         print("| ratio ours/reference | " + " | ".join(f"{x / y:.2f}x" for x, y in zip(a, b, strict=True)) + " |")
     failed = sum(f["phase"] == "main" for f in result["failures"])
     print(f"\n(ms; n = {len(ours.get('ADD', []))} / {len(ref.get('ADD', []))} ADDs, "

@@ -63,6 +63,7 @@ from typing import IO
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.figures import record  # noqa: E402
 from bgpd.cni.install import install  # noqa: E402
 from containerlab.lab import Lab  # noqa: E402
 from containerlab.topology import load  # noqa: E402
@@ -376,6 +377,8 @@ def report(ours: list[Sample], bird: list[Sample], warm: tuple[Sample, Sample], 
     ours_total, bird_total = [s.total for s in ours], [s.total for s in bird]
     o50, o99, b50, b99 = (statistics.median(ours_total), pctl(ours_total, 99), statistics.median(bird_total),
                           pctl(bird_total, 99))
+    record("convergence p50", o50 * 1000, b50 * 1000)
+    record("convergence p99 / our p50", o99 * 1000, o50 * 1000)
     lines = [
         f"## Block convergence on mesh3: ours vs BIRD ({started})",
         "",

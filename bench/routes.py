@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from convergence import CLI, RouteMonitor, code_version, machine, run, wait_until  # noqa: E402
 
+from bench.figures import record  # noqa: E402
 from containerlab.lab import Lab  # noqa: E402
 from containerlab.topology import load  # noqa: E402
 
@@ -291,6 +292,7 @@ def report(phases: list[Phase], count: int, seconds: float, host_before: str, st
                      f"{ms(median([a.last if a.complete else None for a in bird_w]))} |"
                      + (f" ({incomplete} incomplete)" if incomplete else ""))
         if o is not None and b:
+            record(f"10,000 routes, {mode}", o * 1000, b * 1000)
             verdicts.append(f"{mode}: {o / b:.1f}x ({'within' if o / b <= 1.5 else 'NOT within'} 1.5x)")
     lines += ["", "Goal ours within 1.5x of BIRD: " + "; ".join(verdicts) + ".",
               "Of ours, ExaBGP alone (t0 to its last UPDATE reaching the daemon, median): " + ", ".join(exabgp_share)

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from convergence import bird_established, code_version, machine, run  # noqa: E402
 
+from bench.figures import record  # noqa: E402
 from bgpd.cni.install import install  # noqa: E402
 from containerlab.lab import Lab  # noqa: E402
 from containerlab.netns import namespace_pids  # noqa: E402
@@ -237,6 +238,8 @@ def main() -> int:
     for size in sorted({r.size for r in results}):
         ours = next(r for r in results if r.size == size and r.path == "ours")
         bird = next(r for r in results if r.size == size and r.path == "BIRD")
+        if ours.routes and bird.routes:
+            record(f"mesh {size} routes", ours.routes, bird.routes, unit="s")
         print(f"- {size} nodes: sessions {ratio(ours.sessions, bird.sessions)}, "
               f"routes {ratio(ours.routes, bird.routes)}, RSS {ours.rss_mib / bird.rss_mib:.0f}x")
     for line in skipped:
